@@ -1,0 +1,344 @@
+//! tokengate: a sidecar that lets systems which cannot do OAuth call an OAuth-protected API.
+//! For each integration it obtains a token with the OAuth 2.0 client-credentials grant, keeps
+//! it fresh in the background, adds `Authorization: Bearer …` to every plain-HTTP call the
+//! legacy system sends to its loopback port, and forwards the call over TLS to the upstream
+//! (Bringg Delivery Hub, `https://api.bringg.com`).
+//!
+//! ```text
+//!  legacy client ─http─▶ listener ─▶ proxy::Gate ──https + Bearer──▶ upstream
+//!                                     │ reads (lock-free)
+//!                                     ▼
+//!                            token::TokenHandle ◀── token::refresher ──▶ token endpoint
+//!  Prometheus ─http─▶ admin (/metrics /healthz /readyz /status)
+//! ```
+//!
+//! # Layout
+//! - [`config`]: TOML schema, defaults, validation, secret sources; the only loading path.
+//! - [`error`]: the errors tokengate answers itself and their status/JSON mapping.
+//! - [`token`]: the token cell ([`token::TokenHandle`]), one exchange ([`token::client`]), the
+//!   background refresher ([`token::refresher`]).
+//! - [`proxy`]: the per-integration hyper service (filter → inject → forward → replay → record).
+//! - [`admin`]: the admin listener.
+//! - [`telemetry`]: logging setup and every metric, on a registry owned by [`start`].
+//! - [`tls`]: the one rustls provider and root store both clients use.
+//! - [`shutdown`]: the stop signal and OS signals.
+//! - [`standin`]: a local stand-in for Delivery Hub (token endpoint + API) for `demo`, tests
+//!   and the benchmark.
+//! - [`demo`]: the `tokengate demo` command.
+//!
+//! # Request flow
+//! A request on an integration port is checked (method, absolute-form host), stripped of
+//! hop-by-hop headers, given the current token's prebuilt `Authorization` value and sent on
+//! the integration's pooled upstream client, its body streaming through. A 401 asks the
+//! refresher for one forced refresh and replays the request once if its body was kept.
+
+pub mod admin;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod proxy;
+pub mod shutdown;
+pub mod standin;
+pub mod telemetry;
+pub mod tls;
+pub mod token;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::config::{Config, TokenSettings};
+use crate::proxy::{Gate, Route};
+use crate::telemetry::Metrics;
+use crate::token::refresher::Refresher;
+use crate::token::TokenHandle;
+
+/// Sockets bound by the caller before `start`, so tests bind `127.0.0.1:0` and `main` can
+/// report a port in use before anything else starts.
+#[derive(Debug)]
+pub struct Listeners {
+    pub admin: TcpListener,
+    /// In the order of `config.integrations`.
+    pub integrations: Vec<TcpListener>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} ({key}): {source}")]
+    Bind {
+        key: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0} integration listeners for {1} integrations")]
+    ListenerCount(usize, usize),
+    #[error("integration {name}: {source}")]
+    Tls { name: String, source: tls::TlsError },
+    #[error("cannot register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+impl Listeners {
+    /// Binds every address of `config`; the error names the key.
+    pub async fn bind(config: &Config) -> Result<Listeners, StartError> {
+        let bind = |key: String, addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { key, addr, source })
+        };
+        let admin = bind(
+            "server.admin_listen".to_string(),
+            config.server.admin_listen,
+        )
+        .await?;
+        let mut integrations = Vec::new();
+        for (i, integration) in config.integrations.iter().enumerate() {
+            integrations.push(bind(format!("integration[{i}].listen"), integration.listen).await?);
+        }
+        Ok(Listeners {
+            admin,
+            integrations,
+        })
+    }
+}
+
+/// What the admin endpoints read.
+#[derive(Debug)]
+pub struct State {
+    pub gates: Vec<Arc<Gate>>,
+    pub listen: Vec<SocketAddr>,
+    pub metrics: Arc<Metrics>,
+    pub draining: AtomicBool,
+}
+
+/// A started tokengate: its addresses, readiness, reload and shutdown.
+pub struct Running {
+    state: Arc<State>,
+    config: Config,
+    token_settings: Vec<watch::Sender<Arc<TokenSettings>>>,
+    admin_addr: SocketAddr,
+    stop_accepting: shutdown::Trigger,
+    stop_tasks: shutdown::Trigger,
+    listeners: Vec<JoinHandle<()>>,
+    tasks: Vec<JoinHandle<()>>,
+    graceful: Arc<GracefulShutdown>,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("admin", &self.admin_addr)
+            .field("listen", &self.state.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts every task: one refresher and one listener per integration (all fetching their
+/// first token concurrently), and the admin listener.
+pub async fn start(config: Config, listeners: Listeners) -> Result<Running, StartError> {
+    if listeners.integrations.len() != config.integrations.len() {
+        return Err(StartError::ListenerCount(
+            listeners.integrations.len(),
+            config.integrations.len(),
+        ));
+    }
+    let metrics = Arc::new(Metrics::new()?);
+    let (stop_accepting, accept_signal) = shutdown::channel();
+    let (stop_tasks, task_signal) = shutdown::channel();
+    let graceful = Arc::new(GracefulShutdown::new());
+    let admin_addr = listeners
+        .admin
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            key: "server.admin_listen".into(),
+            addr: config.server.admin_listen,
+            source,
+        })?;
+
+    let mut gates = Vec::new();
+    let mut listen = Vec::new();
+    let mut token_settings = Vec::new();
+    let mut tasks = Vec::new();
+    let mut serving = Vec::new();
+    for (integration, listener) in config.integrations.iter().zip(listeners.integrations) {
+        let name: Arc<str> = Arc::from(integration.name.as_str());
+        let route = Route::new(integration.proxy.clone()).map_err(|source| StartError::Tls {
+            name: integration.name.clone(),
+            source,
+        })?;
+        let (handle, force_rx) = TokenHandle::new();
+        let m = metrics.integration(&integration.name);
+        let (settings_tx, settings_rx) = watch::channel(Arc::new(integration.token.clone()));
+        let refresher = Refresher::new(
+            name.clone(),
+            handle.clone(),
+            settings_rx,
+            force_rx,
+            m.clone(),
+        );
+        tasks.push(tokio::spawn(refresher.run(task_signal.clone())));
+        let gate = Arc::new(Gate {
+            name,
+            route: ArcSwap::from_pointee(route),
+            token: handle,
+            metrics: m,
+        });
+        let addr = listener.local_addr().unwrap_or(integration.listen);
+        info!(integration = %integration.name, listen = %addr, upstream = %integration.proxy.upstream.url, "listening");
+        serving.push(tokio::spawn(proxy::serve(
+            listener,
+            gate.clone(),
+            config.server.header_read_timeout,
+            graceful.clone(),
+            accept_signal.clone(),
+        )));
+        gates.push(gate);
+        listen.push(addr);
+        token_settings.push(settings_tx);
+    }
+    let state = Arc::new(State {
+        gates,
+        listen,
+        metrics,
+        draining: AtomicBool::new(false),
+    });
+    info!(admin = %admin_addr, "admin endpoints at /healthz /readyz /metrics /status");
+    tasks.push(tokio::spawn(admin::serve(
+        listeners.admin,
+        state.clone(),
+        task_signal,
+    )));
+    Ok(Running {
+        state,
+        config,
+        token_settings,
+        admin_addr,
+        stop_accepting,
+        stop_tasks,
+        listeners: serving,
+        tasks,
+        graceful,
+    })
+}
+
+impl Running {
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The bound address of the named integration's listener.
+    pub fn integration_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.state
+            .gates
+            .iter()
+            .position(|g| &*g.name == name)
+            .map(|i| self.state.listen[i])
+    }
+
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    pub fn is_ready(&self) -> bool {
+        !self.state.draining.load(Ordering::Relaxed) && admin::not_ready(&self.state).is_empty()
+    }
+
+    /// Applies a new, already validated configuration: live keys now, the rest logged as
+    /// needing a restart.
+    pub fn reload(&mut self, new: Config) {
+        let old = &self.config;
+        if old.server.admin_listen != new.server.admin_listen {
+            warn!("server.admin_listen changed; restart tokengate to apply it");
+        }
+        if old.server.log_format != new.server.log_format {
+            warn!("server.log_format changed; restart tokengate to apply it");
+        }
+        if old.server.allow_remote_clients != new.server.allow_remote_clients {
+            warn!("server.allow_remote_clients changed; restart tokengate to apply it");
+        }
+        let old_names: Vec<&str> = old.integrations.iter().map(|i| i.name.as_str()).collect();
+        let new_names: Vec<&str> = new.integrations.iter().map(|i| i.name.as_str()).collect();
+        if old_names != new_names {
+            warn!(before = ?old_names, after = ?new_names, "integrations were added, removed or reordered; restart tokengate to apply that");
+        }
+        for (i, gate) in self.state.gates.iter().enumerate() {
+            let Some(integration) = new.integrations.iter().find(|n| n.name == *gate.name) else {
+                continue;
+            };
+            if integration.listen != old.integrations[i].listen {
+                warn!(integration = %gate.name, "listen changed; restart tokengate to apply it");
+            }
+            if gate.route.load().settings != integration.proxy {
+                match Route::new(integration.proxy.clone()) {
+                    Ok(route) => {
+                        gate.route.store(Arc::new(route));
+                        info!(integration = %gate.name, "proxy settings applied");
+                    }
+                    Err(e) => {
+                        warn!(integration = %gate.name, error = %e, "cannot apply the new proxy settings; keeping the previous ones")
+                    }
+                }
+            }
+            self.token_settings[i].send_if_modified(|current| {
+                if **current == integration.token {
+                    false
+                } else {
+                    *current = Arc::new(integration.token.clone());
+                    true
+                }
+            });
+        }
+        self.config = new;
+    }
+
+    /// Stops accepting, reports not ready, lets in-flight requests finish for up to `grace`,
+    /// then stops every task. Returns whether the drain finished within the grace period.
+    pub async fn shutdown(self, grace: Duration) -> bool {
+        self.state.draining.store(true, Ordering::Relaxed);
+        self.stop_accepting.fire();
+        for l in self.listeners {
+            let _ = l.await;
+        }
+        let graceful = Arc::try_unwrap(self.graceful).ok();
+        let drained = match graceful {
+            Some(g) => tokio::time::timeout(grace, g.shutdown()).await.is_ok(),
+            None => false,
+        };
+        if drained {
+            info!("drained: every in-flight request finished");
+        } else {
+            warn!(grace = %humantime::format_duration(grace), "shutdown_grace expired with requests still in flight; closing them");
+        }
+        self.stop_tasks.fire();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        drained
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+}
+
+/// Runs until `shutdown` resolves, then drains for `server.shutdown_grace`.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), StartError> {
+    let grace = config.server.shutdown_grace;
+    let running = start(config, listeners).await?;
+    shutdown.await;
+    info!("shutting down: not ready, no new connections, draining in-flight requests");
+    running.shutdown(grace).await;
+    Ok(())
+}

@@ -1,0 +1,855 @@
+//! The integration listener's hyper service: filter → inject → forward → replay-on-401 →
+//! record, for one integration.
+//!
+//! - filter: `CONNECT`, methods outside `allow_methods`, absolute-form requests for a host that
+//!   is not the upstream's (tokengate is never an open proxy: a token only goes upstream);
+//! - inject: hop-by-hop headers out (RFC 9110 §7.6.1), the client's `Authorization` replaced by
+//!   the current token's prebuilt header, `X-Request-Id` added when absent;
+//! - forward: one pooled hyper-util client per integration (HTTP/1.1 or HTTP/2 by ALPN),
+//!   bodies streamed both ways; a copy of a request body is kept while it streams only when
+//!   it fits in `max_replay_body`;
+//! - replay: a 401 for the token in use asks the refresher for one forced refresh and replays
+//!   the request once with the new token when its whole body was kept;
+//! - record: metrics and one access log line.
+//!
+//! It never talks to the token endpoint; it reads the [`TokenHandle`] and may ask for a
+//! forced refresh.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderName};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::config::{Endpoint, ProxySettings};
+use crate::error::{chain, classify_upstream, ErrorCode, ProxyError, UpstreamErrorKind};
+use crate::shutdown::Shutdown;
+use crate::telemetry::{IntegrationMetrics, Replay};
+use crate::tls::{self, TlsError};
+use crate::token::{ForceOutcome, Token, TokenHandle};
+
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ReqBody>;
+
+/// How long an idle pooled upstream connection is kept.
+const POOL_IDLE: Duration = Duration::from_secs(90);
+
+/// The live, reloadable part of an integration's proxy: settings and the client built for them.
+pub struct Route {
+    pub settings: ProxySettings,
+    client: UpstreamClient,
+    scheme: Scheme,
+    authority: Authority,
+    allow: Option<HeaderValue>,
+}
+
+impl Route {
+    pub fn new(settings: ProxySettings) -> Result<Route, TlsError> {
+        let client = build_client(&settings)?;
+        let up = &settings.upstream;
+        let scheme = if up.tls { Scheme::HTTPS } else { Scheme::HTTP };
+        let authority = Authority::try_from(up.authority.as_str()).map_err(|e| TlsError::Pem {
+            path: "upstream".into(),
+            reason: e.to_string(),
+        })?;
+        let allow = settings.allow_methods.as_ref().and_then(|methods| {
+            let list: Vec<&str> = methods.iter().map(Method::as_str).collect();
+            HeaderValue::try_from(list.join(", ")).ok()
+        });
+        Ok(Route {
+            settings,
+            client,
+            scheme,
+            authority,
+            allow,
+        })
+    }
+
+    fn upstream_uri(&self, target: &PathAndQuery) -> Result<Uri, http::Error> {
+        let base = &self.settings.upstream.base_path;
+        let pq = if base.is_empty() {
+            target.clone()
+        } else {
+            PathAndQuery::try_from(format!("{base}{}", target.as_str()))?
+        };
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+    }
+}
+
+fn build_client(settings: &ProxySettings) -> Result<UpstreamClient, TlsError> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(settings.connect_timeout));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls::client_config(settings.ca_file.as_deref())?)
+        // Plain http is only ever configured for loopback (config validation).
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(https))
+}
+
+/// One integration's proxy state, shared by all its connections.
+pub struct Gate {
+    pub name: Arc<str>,
+    pub route: ArcSwap<Route>,
+    pub token: Arc<TokenHandle>,
+    pub metrics: Arc<IntegrationMetrics>,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Gate({})", self.name)
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy credentials, which belong to the hop
+/// between the client and tokengate.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+
+/// Removes hop-by-hop headers, including every header the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Checks an absolute-form target (a client using `HTTP_PROXY`) against the upstream: same
+/// host (case-insensitive, without a trailing dot) and port absent, 80 or the upstream's.
+pub fn check_absolute_form(uri: &Uri, upstream: &Endpoint) -> Result<(), ProxyError> {
+    let Some(authority) = uri.authority() else {
+        return Ok(());
+    };
+    let deny = |why: String| {
+        ProxyError::new(
+            ErrorCode::HostNotAllowed,
+            format!(
+                "{why}; this integration only forwards to {} (tokengate is not an open proxy)",
+                upstream.authority
+            ),
+        )
+    };
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => {
+            return Err(deny(
+                "only http:// absolute-form targets are accepted".into(),
+            ))
+        }
+    }
+    if authority.as_str().contains('@') {
+        return Err(deny(
+            "a target with user information is not accepted".into(),
+        ));
+    }
+    let host = authority.host();
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if !host.eq_ignore_ascii_case(&upstream.host) {
+        return Err(deny(format!("host {host} is not the upstream's host")));
+    }
+    match authority.port_u16() {
+        None | Some(80) => Ok(()),
+        Some(p) if p == upstream.port => Ok(()),
+        Some(p) => Err(deny(format!("port {p} is not the upstream's port"))),
+    }
+}
+
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    match headers.get("x-request-id") {
+        Some(v) if !v.is_empty() && v.len() <= 200 => v.clone(),
+        _ => {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            let mut n = fastrand::u128(..);
+            let mut buf = [0u8; 32];
+            for b in buf.iter_mut() {
+                *b = HEX[(n & 0xf) as usize];
+                n >>= 4;
+            }
+            // Hex digits are always a valid header value.
+            HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("-"))
+        }
+    }
+}
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Counts a request in flight until its response body ends (or is dropped).
+struct InFlight(prometheus::IntGauge);
+
+impl InFlight {
+    fn new(gauge: &prometheus::IntGauge) -> InFlight {
+        gauge.inc();
+        InFlight(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The body of a request sent upstream: the client's body streaming through (with an
+    /// optional copy kept for a replay), or a kept copy being replayed.
+    #[project = ReqBodyProj]
+    pub enum ReqBody {
+        Full { data: Option<Bytes> },
+        Stream {
+            #[pin] inner: Incoming,
+            kept: Option<BytesMut>,
+            limit: usize,
+            done: Option<oneshot::Sender<Bytes>>,
+        },
+    }
+}
+
+impl ReqBody {
+    fn finish(kept: &mut Option<BytesMut>, done: &mut Option<oneshot::Sender<Bytes>>) {
+        if let (Some(buf), Some(tx)) = (kept.take(), done.take()) {
+            let _ = tx.send(buf.freeze());
+        }
+    }
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.project() {
+            ReqBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ReqBodyProj::Stream {
+                mut inner,
+                kept,
+                limit,
+                done,
+            } => match inner.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    match frame.data_ref() {
+                        Some(data) => {
+                            if let Some(buf) = kept.as_mut() {
+                                if buf.len() + data.len() > *limit {
+                                    *kept = None;
+                                    *done = None;
+                                } else {
+                                    buf.extend_from_slice(data);
+                                }
+                            }
+                        }
+                        // Trailers cannot be replayed faithfully.
+                        None => {
+                            *kept = None;
+                            *done = None;
+                        }
+                    }
+                    if inner.is_end_stream() {
+                        ReqBody::finish(kept, done);
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(None) => {
+                    ReqBody::finish(kept, done);
+                    Poll::Ready(None)
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    *kept = None;
+                    *done = None;
+                    Poll::Ready(Some(Err(e)))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Full { data } => data.is_none(),
+            ReqBody::Stream { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map(|d| d.len() as u64).unwrap_or(0))
+            }
+            ReqBody::Stream { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The body of a response to the client: the upstream's, streaming, or one tokengate wrote.
+    #[project = ResBodyProj]
+    pub enum ResBody {
+        Full { data: Option<Bytes> },
+        Upstream { #[pin] inner: Incoming, guard: Option<InFlightGuard> },
+    }
+}
+
+/// Opaque in-flight guard carried by a streaming response body.
+pub struct InFlightGuard(#[allow(dead_code)] InFlight);
+
+impl From<Bytes> for ResBody {
+    fn from(b: Bytes) -> Self {
+        ResBody::Full { data: Some(b) }
+    }
+}
+
+impl Body for ResBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.project() {
+            ResBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ResBodyProj::Upstream { inner, guard } => {
+                let polled = inner.poll_frame(cx);
+                if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+                    guard.take();
+                }
+                polled
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResBody::Full { data } => data.is_none(),
+            ResBody::Upstream { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResBody::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map(|d| d.len() as u64).unwrap_or(0))
+            }
+            ResBody::Upstream { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+/// What is kept of a request to replay it after a 401.
+struct ReplayCopy {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: KeptBody,
+}
+
+enum KeptBody {
+    Complete(Bytes),
+    Pending(oneshot::Receiver<Bytes>),
+    TooLarge,
+}
+
+impl KeptBody {
+    fn take(self) -> Option<Bytes> {
+        match self {
+            KeptBody::Complete(b) => Some(b),
+            // The copy exists only if the upstream read the whole body before answering.
+            KeptBody::Pending(mut rx) => rx.try_recv().ok(),
+            KeptBody::TooLarge => None,
+        }
+    }
+}
+
+struct Outcome {
+    response: Response<ResBody>,
+    error: Option<ErrorCode>,
+}
+
+impl Gate {
+    /// Serves one request. Never fails: every error becomes the contract's JSON response.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResBody> {
+        let started = Instant::now();
+        let in_flight = InFlight::new(&self.metrics.in_flight);
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let rid = request_id(req.headers());
+
+        let Outcome {
+            mut response,
+            error,
+        } = match self.forward(req, rid.clone()).await {
+            Ok(res) => Outcome {
+                response: res,
+                error: None,
+            },
+            Err(e) => {
+                if let Some(kind) = e.upstream_kind {
+                    self.metrics.upstream_error(kind);
+                }
+                let blame = e.code.blame();
+                match blame {
+                    crate::error::Blame::Client => {
+                        debug!(integration = %self.name, error = e.code.as_str(), message = %e.message, "request refused")
+                    }
+                    _ => {
+                        warn!(integration = %self.name, error = e.code.as_str(), message = %e.message, request_id = ?rid, "request failed")
+                    }
+                }
+                Outcome {
+                    response: e.to_response(&self.name),
+                    error: Some(e.code),
+                }
+            }
+        };
+        response.headers_mut().insert(X_REQUEST_ID, rid.clone());
+        let status = response.status();
+        if let ResBody::Upstream { guard, .. } = response.body_mut() {
+            *guard = Some(InFlightGuard(in_flight));
+        }
+        let elapsed = started.elapsed();
+        self.metrics.duration.observe(elapsed.as_secs_f64());
+        self.metrics.request(&method, status.as_u16());
+        info!(
+            target: "tokengate::access",
+            integration = %self.name,
+            method = %method,
+            path = %path,
+            status = status.as_u16(),
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            request_id = rid.to_str().unwrap_or("-"),
+            error = error.map(ErrorCode::as_str),
+        );
+        response
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        rid: HeaderValue,
+    ) -> Result<Response<ResBody>, ProxyError> {
+        let route = self.route.load_full();
+        let settings = &route.settings;
+
+        if req.method() == Method::CONNECT {
+            return Err(ProxyError::new(
+                ErrorCode::ConnectNotSupported,
+                "tokengate needs plain HTTP from the client so it can add the token: set HTTP_PROXY (not HTTPS_PROXY) to this address, or use http://<this address> as the base URL",
+            ));
+        }
+        if let Some(allowed) = &settings.allow_methods {
+            if !allowed.contains(req.method()) {
+                let mut e = ProxyError::new(
+                    ErrorCode::MethodNotAllowed,
+                    format!(
+                        "method {} is not in allow_methods for this integration",
+                        req.method()
+                    ),
+                );
+                e.allow = route.allow.clone();
+                return Err(e);
+            }
+        }
+        check_absolute_form(req.uri(), &settings.upstream)?;
+        let Some(target) = req.uri().path_and_query().cloned() else {
+            return Err(ProxyError::new(
+                ErrorCode::BadRequest,
+                "the request target has no path",
+            ));
+        };
+        if !target.as_str().starts_with('/') {
+            return Err(ProxyError::new(
+                ErrorCode::BadRequest,
+                "only origin-form (/path) and absolute-form (http://host/path) targets are forwarded",
+            ));
+        }
+        let uri = route.upstream_uri(&target).map_err(|e| {
+            ProxyError::new(
+                ErrorCode::BadRequest,
+                format!("cannot build the upstream URL: {e}"),
+            )
+        })?;
+
+        let (parts, body) = req.into_parts();
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers);
+        // The upstream's authority comes from the URI: hyper-util writes it as Host on
+        // HTTP/1.1 and as :authority (with no host header) on HTTP/2.
+        headers.remove(header::HOST);
+        headers.insert(X_REQUEST_ID, rid);
+
+        let token = match self.token.current() {
+            Some(t) => t,
+            None => self
+                .token
+                .wait_for_token(settings.connect_timeout)
+                .await
+                .map_err(|u| {
+                    let mut e = ProxyError::new(
+                        ErrorCode::TokenUnavailable,
+                        format!(
+                            "no valid token for this integration: {}. See GET /status on the admin port and tokengate's log for details",
+                            u.reason
+                        ),
+                    );
+                    e.retry_after = Some(u.retry_after.as_secs_f64().ceil() as u64);
+                    e
+                })?,
+        };
+
+        let limit = settings.max_replay_body;
+        let (body, kept) = if body.is_end_stream() {
+            (
+                ReqBody::Full { data: None },
+                KeptBody::Complete(Bytes::new()),
+            )
+        } else if body.size_hint().lower() > limit {
+            (
+                ReqBody::Stream {
+                    inner: body,
+                    kept: None,
+                    limit: 0,
+                    done: None,
+                },
+                KeptBody::TooLarge,
+            )
+        } else {
+            let (tx, rx) = oneshot::channel();
+            let capacity = body.size_hint().exact().unwrap_or(0).min(limit) as usize;
+            (
+                ReqBody::Stream {
+                    inner: body,
+                    kept: Some(BytesMut::with_capacity(capacity)),
+                    limit: limit as usize,
+                    done: Some(tx),
+                },
+                KeptBody::Pending(rx),
+            )
+        };
+
+        let copy = ReplayCopy {
+            method: parts.method.clone(),
+            uri: uri.clone(),
+            headers: headers.clone(),
+            body: kept,
+        };
+        let res = self
+            .send(&route, parts.method, uri, headers, body, &token)
+            .await?;
+        if res.status() != StatusCode::UNAUTHORIZED {
+            return Ok(self.respond(res));
+        }
+        self.unauthorized(&route, res, copy, token).await
+    }
+
+    async fn send(
+        &self,
+        route: &Route,
+        method: Method,
+        uri: Uri,
+        mut headers: HeaderMap,
+        body: ReqBody,
+        token: &Token,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        headers.insert(header::AUTHORIZATION, token.header().clone());
+        let mut req = Request::new(body);
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = headers;
+        let timeout = route.settings.request_timeout;
+        match tokio::time::timeout(timeout, route.client.request(req)).await {
+            Ok(Ok(res)) => Ok(res),
+            Ok(Err(e)) => {
+                let kind = classify_upstream(&e);
+                let up = &route.settings.upstream.url;
+                let advice = match kind {
+                    UpstreamErrorKind::Tls => "; if the upstream uses a private CA, add it with ca_file (verification cannot be turned off)",
+                    UpstreamErrorKind::Connect => "; check upstream, DNS and the network path",
+                    _ => "",
+                };
+                let mut err = ProxyError::new(
+                    ErrorCode::UpstreamUnreachable,
+                    format!(
+                        "cannot reach the upstream {up} ({}): {}{advice}",
+                        kind.as_str(),
+                        chain(&e)
+                    ),
+                );
+                err.upstream_kind = Some(kind);
+                Err(err)
+            }
+            Err(_) => {
+                let mut err = ProxyError::new(
+                    ErrorCode::UpstreamTimeout,
+                    format!(
+                        "the upstream {} sent no response headers within request_timeout ({})",
+                        route.settings.upstream.url,
+                        humantime::format_duration(timeout)
+                    ),
+                );
+                err.upstream_kind = Some(UpstreamErrorKind::Timeout);
+                Err(err)
+            }
+        }
+    }
+
+    fn respond(&self, res: Response<Incoming>) -> Response<ResBody> {
+        let (mut parts, body) = res.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(remaining) = parts
+            .headers
+            .get("ratelimit-remaining")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<i64>().ok())
+        {
+            self.metrics.ratelimit_remaining(remaining);
+        }
+        Response::from_parts(
+            parts,
+            ResBody::Upstream {
+                inner: body,
+                guard: None,
+            },
+        )
+    }
+
+    /// A 401 for `token`: one forced refresh (shared with concurrent 401s) and one replay.
+    async fn unauthorized(
+        &self,
+        route: &Route,
+        res: Response<Incoming>,
+        copy: ReplayCopy,
+        token: Arc<Token>,
+    ) -> Result<Response<ResBody>, ProxyError> {
+        if token.obtained_at.elapsed() < token.lifetime / 2 {
+            self.metrics.early_revocations.inc();
+        }
+        let Some(body) = copy.body.take() else {
+            self.metrics.replay(Replay::NotReplayable);
+            info!(integration = %self.name, "upstream answered 401 and the request body was not kept (larger than max_replay_body or not fully sent); passing the 401 on, the next request gets a new token");
+            let handle = self.token.clone();
+            let generation = token.generation;
+            let wait = route.settings.request_timeout;
+            tokio::spawn(async move {
+                handle.force_refresh(generation, wait).await;
+            });
+            return Ok(self.respond(res));
+        };
+        match self
+            .token
+            .force_refresh(token.generation, route.settings.request_timeout)
+            .await
+        {
+            ForceOutcome::Replaced(new) => {
+                drop(res);
+                let replayed = self
+                    .send(
+                        route,
+                        copy.method,
+                        copy.uri,
+                        copy.headers,
+                        ReqBody::Full {
+                            data: (!body.is_empty()).then_some(body),
+                        },
+                        &new,
+                    )
+                    .await;
+                match replayed {
+                    Ok(res) if res.status() == StatusCode::UNAUTHORIZED => {
+                        self.metrics.replay(Replay::Failure);
+                        warn!(integration = %self.name, "upstream refused the new token too (401); check the integration's permissions in Delivery Hub");
+                        Ok(self.respond(res))
+                    }
+                    Ok(res) => {
+                        self.metrics.replay(Replay::Success);
+                        debug!(integration = %self.name, "request replayed with a new token after 401");
+                        Ok(self.respond(res))
+                    }
+                    Err(e) => {
+                        self.metrics.replay(Replay::Failure);
+                        Err(e)
+                    }
+                }
+            }
+            ForceOutcome::NotRefreshed(reason) => {
+                self.metrics.replay(Replay::Failure);
+                warn!(integration = %self.name, reason = %reason, "upstream answered 401 and no new token could be obtained; passing the 401 on");
+                Ok(self.respond(res))
+            }
+        }
+    }
+}
+
+/// Accepts connections on one integration listener until `shutdown`, then stops accepting and
+/// returns; in-flight connections are tracked by `graceful` for the caller to drain.
+pub async fn serve(
+    listener: TcpListener,
+    gate: Arc<Gate>,
+    header_read_timeout: Duration,
+    graceful: Arc<GracefulShutdown>,
+    mut shutdown: Shutdown,
+) {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+    loop {
+        let (stream, peer): (_, SocketAddr) = tokio::select! {
+            _ = shutdown.wait() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!(integration = %gate.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let gate = gate.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let gate = gate.clone();
+            async move { Ok::<_, Infallible>(gate.handle(req).await) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(peer = %peer, error = %e, "client connection ended with an error");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(url: &str) -> Endpoint {
+        let u = url::Url::parse(url).unwrap();
+        let host = u.host_str().unwrap().trim_end_matches('.').to_lowercase();
+        let port = u.port_or_known_default().unwrap();
+        Endpoint {
+            tls: u.scheme() == "https",
+            authority: host.clone(),
+            host,
+            port,
+            base_path: String::new(),
+            url: u,
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("close, X-Secret-Hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            "proxy-authorization",
+            HeaderValue::from_static("Basic Zm9v"),
+        );
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn absolute_form_rule() {
+        let up = endpoint("https://api.bringg.com");
+        let ok = |u: &str| check_absolute_form(&u.parse().unwrap(), &up).is_ok();
+        assert!(ok("/v2/orders"));
+        assert!(ok("http://api.bringg.com/v2/orders"));
+        assert!(ok("http://API.Bringg.COM./v2/orders"));
+        assert!(ok("http://api.bringg.com:80/v2/orders"));
+        assert!(ok("http://api.bringg.com:443/v2/orders"));
+        assert!(!ok("http://api.bringg.com:8080/v2/orders"));
+        assert!(!ok("http://evil.example/v2/orders"));
+        assert!(!ok("http://api.bringg.com.evil.example/v2/orders"));
+        assert!(!ok("http://user@api.bringg.com/v2/orders"));
+        assert!(!ok("http://api.bringg.com@evil.example/v2/orders"));
+        assert!(!ok("http://10.0.0.1/v2/orders"));
+        assert!(!ok("http://[::1]/v2/orders"));
+        assert!(!ok("ftp://api.bringg.com/v2/orders"));
+        let ip = endpoint("http://127.0.0.1:9000");
+        assert!(check_absolute_form(&"http://127.0.0.1:9000/x".parse().unwrap(), &ip).is_ok());
+        assert!(check_absolute_form(&"http://127.0.0.2:9000/x".parse().unwrap(), &ip).is_err());
+    }
+
+    #[test]
+    fn request_ids_are_kept_or_made() {
+        let mut h = HeaderMap::new();
+        let made = request_id(&h);
+        assert_eq!(made.len(), 32);
+        assert_ne!(made, request_id(&h));
+        h.insert("x-request-id", HeaderValue::from_static("abc-1"));
+        assert_eq!(request_id(&h), "abc-1");
+    }
+}

@@ -1,0 +1,276 @@
+//! Tokens and the per-integration [`TokenHandle`]: the lock-free cell every request reads, and
+//! the small cold-path state shared between the proxy and the refresher (status, waiting for a
+//! fetch, forced refresh requests). No I/O happens here.
+//!
+//! Layout: [`client`] performs one client-credentials exchange; [`refresher`] owns the
+//! background task that decides when to call it.
+
+pub mod client;
+pub mod refresher;
+
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use http::HeaderValue;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+/// One access token, with its `Authorization` value built once when it arrives so the hot path
+/// formats nothing.
+pub struct Token {
+    header: HeaderValue,
+    /// Increases with every *different* token; a 401 names the generation it was sent with.
+    pub generation: u64,
+    pub obtained_at: Instant,
+    pub expires_at: Instant,
+    pub lifetime: Duration,
+    /// Wall-clock expiry, for metrics and `/status` only (decisions use `expires_at`).
+    pub expires_at_wall: SystemTime,
+}
+
+impl Token {
+    /// Builds the token; `None` when `access_token` cannot be an HTTP header value.
+    pub fn new(access_token: &str, generation: u64, lifetime: Duration) -> Option<Token> {
+        let mut header = HeaderValue::try_from(format!("Bearer {access_token}")).ok()?;
+        // Keeps the value out of HPACK tables and out of hyper's Debug output.
+        header.set_sensitive(true);
+        let now = Instant::now();
+        Some(Token {
+            header,
+            generation,
+            obtained_at: now,
+            expires_at: now + lifetime,
+            lifetime,
+            expires_at_wall: SystemTime::now() + lifetime,
+        })
+    }
+
+    pub fn header(&self) -> &HeaderValue {
+        &self.header
+    }
+
+    pub fn is_valid_at(&self, now: Instant) -> bool {
+        now < self.expires_at
+    }
+
+    /// Whether `access_token` is the token this one carries (a server that reuses unexpired
+    /// tokens hands the same one back with a shorter `expires_in`).
+    pub fn carries(&self, access_token: &str) -> bool {
+        self.header.as_bytes().get(7..) == Some(access_token.as_bytes())
+    }
+
+    /// Same token, new lifetime counted from now.
+    pub fn renewed(&self, lifetime: Duration) -> Token {
+        let now = Instant::now();
+        Token {
+            header: self.header.clone(),
+            generation: self.generation,
+            obtained_at: now,
+            expires_at: now + lifetime,
+            lifetime,
+            expires_at_wall: SystemTime::now() + lifetime,
+        }
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Token")
+            .field("generation", &self.generation)
+            .field("lifetime", &self.lifetime)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the refresher reports for `/status`, `/readyz` and the 503 message. Only the cold path
+/// touches it, so a std mutex is enough: it is never held across an await.
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    pub fetching: bool,
+    pub next_attempt: Option<Instant>,
+    pub last_refresh: Option<SystemTime>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<SystemTime>,
+    pub consecutive_failures: u32,
+}
+
+/// Why a forced refresh after a 401 did or did not produce a token to replay with.
+#[derive(Debug)]
+pub enum ForceOutcome {
+    /// A different token than the one that was refused; replay with it.
+    Replaced(Arc<Token>),
+    /// No new token: the fetch failed, the rate limit on forced refreshes applies, or the
+    /// endpoint handed back the refused token.
+    NotRefreshed(String),
+}
+
+pub(crate) struct ForceRequest {
+    pub generation: u64,
+    pub reply: oneshot::Sender<ForceOutcome>,
+}
+
+/// The shared per-integration token state. The proxy reads [`TokenHandle::current`] on every
+/// request (an arc-swap load: no lock); everything else here is for rare events.
+pub struct TokenHandle {
+    current: ArcSwapOption<Token>,
+    status: Mutex<Status>,
+    /// Bumped after every completed fetch attempt, successful or not, so waiters wake.
+    attempts: watch::Sender<u64>,
+    force: mpsc::Sender<ForceRequest>,
+}
+
+impl fmt::Debug for TokenHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenHandle")
+            .field("current", &self.current.load())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a request could not get a token.
+#[derive(Debug)]
+pub struct Unavailable {
+    pub retry_after: Duration,
+    pub reason: String,
+}
+
+impl TokenHandle {
+    pub(crate) fn new() -> (Arc<TokenHandle>, mpsc::Receiver<ForceRequest>) {
+        // Forced refreshes are single-flight in the refresher; the queue only has to hold the
+        // 401s that arrive while one is decided.
+        let (force, force_rx) = mpsc::channel(1024);
+        let (attempts, _) = watch::channel(0);
+        let handle = TokenHandle {
+            current: ArcSwapOption::empty(),
+            status: Mutex::new(Status::default()),
+            attempts,
+            force,
+        };
+        (Arc::new(handle), force_rx)
+    }
+
+    /// The token to use now, if one is valid. The hot path.
+    pub fn current(&self) -> Option<Arc<Token>> {
+        let token = self.current.load_full()?;
+        token.is_valid_at(Instant::now()).then_some(token)
+    }
+
+    /// The token held, valid or not (for status and metrics).
+    pub fn held(&self) -> Option<Arc<Token>> {
+        self.current.load_full()
+    }
+
+    pub(crate) fn store(&self, token: Token) {
+        self.current.store(Some(Arc::new(token)));
+    }
+
+    pub fn status(&self) -> Status {
+        self.lock_status().clone()
+    }
+
+    pub(crate) fn lock_status(&self) -> MutexGuard<'_, Status> {
+        // A poisoned lock only means a panic elsewhere mid-update of plain data; the data is
+        // still the best we have.
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn attempt_finished(&self) {
+        self.attempts.send_modify(|n| *n += 1);
+    }
+
+    /// Waits for a valid token when none is held: only while a fetch is in flight, and at most
+    /// `wait`. Otherwise says when the next attempt is due.
+    pub async fn wait_for_token(&self, wait: Duration) -> Result<Arc<Token>, Unavailable> {
+        if let Some(token) = self.current() {
+            return Ok(token);
+        }
+        let mut attempts = self.attempts.subscribe();
+        let seen = *attempts.borrow_and_update();
+        if self.lock_status().fetching {
+            let _ = tokio::time::timeout(wait, attempts.wait_for(|n| *n != seen)).await;
+            if let Some(token) = self.current() {
+                return Ok(token);
+            }
+        }
+        let status = self.lock_status();
+        let retry_after = status
+            .next_attempt
+            .map(|at| at.saturating_duration_since(Instant::now()))
+            .unwrap_or(Duration::from_secs(1));
+        let reason = match (&status.last_error, status.fetching) {
+            (Some(e), _) => format!("the last token request failed: {e}"),
+            (None, true) => "the first token request is still in flight".to_string(),
+            (None, false) => "no token has been obtained yet".to_string(),
+        };
+        Err(Unavailable {
+            retry_after,
+            reason,
+        })
+    }
+
+    /// Asks for one forced refresh because the upstream refused the token of `generation`.
+    /// Single-flight and rate-limited by the refresher; waits at most `wait` for the outcome.
+    pub async fn force_refresh(&self, generation: u64, wait: Duration) -> ForceOutcome {
+        if let Some(token) = self.current() {
+            if token.generation > generation {
+                return ForceOutcome::Replaced(token);
+            }
+        }
+        let (reply, rx) = oneshot::channel();
+        if self
+            .force
+            .send(ForceRequest { generation, reply })
+            .await
+            .is_err()
+        {
+            return ForceOutcome::NotRefreshed("tokengate is shutting down".into());
+        }
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => ForceOutcome::NotRefreshed("tokengate is shutting down".into()),
+            Err(_) => ForceOutcome::NotRefreshed(format!(
+                "no new token within {}",
+                humantime::format_duration(wait)
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_is_sensitive_and_debug_hides_the_token() {
+        let token = Token::new("canary-token-123", 1, Duration::from_secs(60)).unwrap();
+        assert!(token.header().is_sensitive());
+        assert_eq!(token.header(), "Bearer canary-token-123");
+        assert!(token.carries("canary-token-123"));
+        assert!(!token.carries("canary-token-12"));
+        let shown = format!("{token:?} {:?}", token.header());
+        assert!(!shown.contains("canary"), "{shown}");
+    }
+
+    #[test]
+    fn a_token_that_cannot_be_a_header_is_refused() {
+        assert!(Token::new("bad\r\nInjected: yes", 1, Duration::from_secs(60)).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_token_is_not_current_and_no_fetch_means_no_wait() {
+        let (handle, _rx) = TokenHandle::new();
+        handle.store(Token::new("t", 1, Duration::from_secs(2)).unwrap());
+        assert!(handle.current().is_some());
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert!(handle.current().is_none());
+        handle.lock_status().next_attempt = Some(Instant::now() + Duration::from_secs(7));
+        let err = handle
+            .wait_for_token(Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert_eq!(err.retry_after, Duration::from_secs(7));
+    }
+}

@@ -1,0 +1,368 @@
+//! The background task that keeps one integration's token fresh: fetch at start, refresh once
+//! `refresh_at` of the lifetime has passed (±5 % jitter), retry failures with exponential
+//! backoff and full jitter (1 s doubling to 60 s, or the server's `Retry-After` if longer),
+//! keep the current token in use until it expires, and serve forced refreshes after a 401
+//! (single-flight, at most one per 5 s).
+//!
+//! Like linkerd's identity client: the old credential stays until a new one is in hand. The
+//! task only decides *when*; [`super::client`] does the exchange and the proxy only reads the
+//! [`TokenHandle`].
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep_until, Instant};
+use tracing::{debug, info, warn};
+
+use super::client::{FetchError, Issued, TokenClient};
+use super::{ForceOutcome, ForceRequest, Token, TokenHandle};
+use crate::config::TokenSettings;
+use crate::shutdown::Shutdown;
+use crate::telemetry::{IntegrationMetrics, Trigger};
+
+/// Scheduled refreshes (and retries) are never closer together than this.
+pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
+/// Cap of the exponential backoff.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// At most one forced (401-triggered) refresh per this interval; a revoked key would otherwise
+/// turn every request into a token request.
+pub const FORCE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// When to refresh a token of `lifetime`: at `refresh_at` of it, moved by `jitter` ∈ [-1, 1]
+/// times 5 % of the lifetime so that many sidecars started together spread out.
+pub fn refresh_delay(lifetime: Duration, refresh_at: f64, jitter: f64) -> Duration {
+    let fraction = (refresh_at + 0.05 * jitter.clamp(-1.0, 1.0)).clamp(0.01, 0.99);
+    lifetime.mul_f64(fraction).max(MIN_INTERVAL)
+}
+
+/// Full-jitter exponential backoff after `failures` consecutive failures (≥ 1), given a
+/// uniform `sample` ∈ [0, 1).
+pub fn backoff(failures: u32, sample: f64) -> Duration {
+    let exp = failures.saturating_sub(1).min(6);
+    let cap = Duration::from_secs(1u64 << exp).min(MAX_BACKOFF);
+    cap.mul_f64(sample.clamp(0.0, 1.0)).max(MIN_INTERVAL)
+}
+
+type Fetch = Pin<Box<dyn Future<Output = (Result<Issued, FetchError>, Duration)> + Send>>;
+
+/// What needs changing when new settings arrive.
+fn needs_new_token(old: &TokenSettings, new: &TokenSettings) -> bool {
+    old.token_url != new.token_url
+        || old.client_id.value != new.client_id.value
+        || old.client_secret.value != new.client_secret.value
+        || old.ttl != new.ttl
+        || old.scope != new.scope
+        || old.auth != new.auth
+        || old.encoding != new.encoding
+        || old.extra_params != new.extra_params
+        || old.ca_file != new.ca_file
+}
+
+pub struct Refresher {
+    name: Arc<str>,
+    handle: Arc<TokenHandle>,
+    settings: watch::Receiver<Arc<TokenSettings>>,
+    force_rx: mpsc::Receiver<ForceRequest>,
+    metrics: Arc<IntegrationMetrics>,
+}
+
+impl Refresher {
+    pub(crate) fn new(
+        name: Arc<str>,
+        handle: Arc<TokenHandle>,
+        settings: watch::Receiver<Arc<TokenSettings>>,
+        force_rx: mpsc::Receiver<ForceRequest>,
+        metrics: Arc<IntegrationMetrics>,
+    ) -> Refresher {
+        Refresher {
+            name,
+            handle,
+            settings,
+            force_rx,
+            metrics,
+        }
+    }
+
+    fn start_fetch(&self, client: &TokenClient, settings: &Arc<TokenSettings>) -> Fetch {
+        self.handle.lock_status().fetching = true;
+        let client = client.clone();
+        let settings = settings.clone();
+        Box::pin(async move {
+            let started = Instant::now();
+            let result = client.fetch(&settings).await;
+            (result, started.elapsed())
+        })
+    }
+
+    /// Runs until `shutdown`. Owned and spawned by `run`.
+    pub async fn run(mut self, mut shutdown: Shutdown) {
+        let name = self.name.clone();
+        let mut settings = self.settings.borrow_and_update().clone();
+        let mut client = match TokenClient::new(&settings) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                warn!(integration = %name, error = %e, "cannot build the token client");
+                None
+            }
+        };
+        let mut trigger = Trigger::Startup;
+        let mut next_at = Instant::now();
+        let mut in_flight: Option<(Fetch, Trigger)> = None;
+        let mut waiters: Vec<ForceRequest> = Vec::new();
+        let mut last_forced: Option<Instant> = None;
+        let mut failures: u32 = 0;
+        let mut settings_open = true;
+
+        loop {
+            let expiry = self
+                .handle
+                .held()
+                .filter(|t| t.is_valid_at(Instant::now()))
+                .map(|t| t.expires_at);
+            tokio::select! {
+                _ = shutdown.wait() => {
+                    debug!(integration = %name, "refresher stopping");
+                    break;
+                }
+                (result, took) = poll_fetch(&mut in_flight) => {
+                    let done_trigger = in_flight.take().map(|(_, t)| t).unwrap_or(trigger);
+                    self.metrics.fetch_duration.observe(took.as_secs_f64());
+                    match result {
+                        Ok(issued) => {
+                            failures = 0;
+                            let lifetime = self.accept(issued, done_trigger, &settings);
+                            next_at = Instant::now()
+                                + refresh_delay(lifetime, settings.refresh_at, fastrand::f64() * 2.0 - 1.0);
+                            trigger = Trigger::Scheduled;
+                        }
+                        Err(e) => {
+                            failures += 1;
+                            let delay = backoff(failures, fastrand::f64())
+                                .max(e.retry_after().unwrap_or_default());
+                            next_at = Instant::now() + delay;
+                            self.fail(&e, done_trigger, delay, failures);
+                            // A retry keeps the trigger of what it retries.
+                            trigger = done_trigger;
+                        }
+                    }
+                    {
+                        let mut status = self.handle.lock_status();
+                        status.fetching = false;
+                        status.next_attempt = Some(next_at);
+                    }
+                    self.handle.attempt_finished();
+                    for w in waiters.drain(..) {
+                        let _ = w.reply.send(self.outcome(w.generation, "the new token request failed"));
+                    }
+                }
+                _ = sleep_until(next_at), if in_flight.is_none() => {
+                    match &client {
+                        Some(c) => in_flight = Some((self.start_fetch(c, &settings), trigger)),
+                        None => {
+                            // No client (a bad ca_file); retrying rebuilds it.
+                            client = TokenClient::new(&settings).ok();
+                            next_at = Instant::now() + MAX_BACKOFF;
+                        }
+                    }
+                }
+                Some(req) = self.force_rx.recv() => {
+                    let current = self.handle.current();
+                    if current.as_ref().is_some_and(|t| t.generation > req.generation) {
+                        let _ = req.reply.send(self.outcome(req.generation, ""));
+                    } else if in_flight.is_some() {
+                        waiters.push(req);
+                    } else if last_forced.is_some_and(|t| t.elapsed() < FORCE_INTERVAL) {
+                        let _ = req.reply.send(ForceOutcome::NotRefreshed(format!(
+                            "a token was refreshed because of a 401 less than {}s ago and the upstream refuses that one too",
+                            FORCE_INTERVAL.as_secs()
+                        )));
+                    } else if let Some(c) = &client {
+                        last_forced = Some(Instant::now());
+                        info!(integration = %name, "upstream refused the token (401); refreshing now");
+                        in_flight = Some((self.start_fetch(c, &settings), Trigger::Unauthorized));
+                        waiters.push(req);
+                    } else {
+                        let _ = req.reply.send(ForceOutcome::NotRefreshed("no token client".into()));
+                    }
+                }
+                changed = self.settings.changed(), if settings_open => {
+                    if changed.is_err() {
+                        settings_open = false;
+                        continue;
+                    }
+                    let new = self.settings.borrow_and_update().clone();
+                    let refetch = needs_new_token(&settings, &new);
+                    if new.ca_file != settings.ca_file || client.is_none() {
+                        match TokenClient::new(&new) {
+                            Ok(c) => client = Some(c),
+                            Err(e) => warn!(integration = %name, error = %e, "cannot build the token client; keeping the previous one"),
+                        }
+                    }
+                    settings = new;
+                    if refetch {
+                        info!(integration = %name, "token settings changed; fetching a new token");
+                        // A fetch under the old settings would produce a token for the old
+                        // credentials; start over with the new ones.
+                        in_flight = None;
+                        if let Some(c) = &client {
+                            in_flight = Some((self.start_fetch(c, &settings), Trigger::CredentialsChanged));
+                        }
+                        failures = 0;
+                    }
+                }
+                _ = sleep_until(expiry.unwrap_or_else(Instant::now)), if expiry.is_some() => {
+                    self.metrics.valid.set(0);
+                    warn!(integration = %name, "token expired and no new one was obtained; requests get 503 token_unavailable until one is");
+                }
+            }
+        }
+        self.handle.lock_status().fetching = false;
+        self.handle.attempt_finished();
+    }
+
+    fn outcome(&self, generation: u64, failed: &str) -> ForceOutcome {
+        match self.handle.current() {
+            Some(t) if t.generation > generation => ForceOutcome::Replaced(t),
+            Some(_) => ForceOutcome::NotRefreshed(
+                "the token endpoint handed back the token the upstream refused".into(),
+            ),
+            None => ForceOutcome::NotRefreshed(
+                self.handle
+                    .lock_status()
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| failed.to_string()),
+            ),
+        }
+    }
+
+    /// Installs a new token; returns the lifetime the next refresh is planned from.
+    fn accept(&self, issued: Issued, trigger: Trigger, settings: &TokenSettings) -> Duration {
+        let name = &self.name;
+        let lifetime = issued.expires_in.unwrap_or(settings.assume_lifetime);
+        if issued.capped {
+            warn!(integration = %name, "token endpoint sent an expires_in over 24 h; treating it as 24 h");
+        }
+        if issued.expires_in.is_none() {
+            debug!(integration = %name, assume_lifetime = ?settings.assume_lifetime, "no expires_in in the token response; assuming assume_lifetime");
+        }
+        if let Some(skew) = issued.clock_skew.filter(|s| s.abs() > 30) {
+            warn!(integration = %name, skew_seconds = skew, "token endpoint's created_at differs from this host's clock; expiry is computed from the local clock, but check NTP");
+        }
+        let held = self.handle.held();
+        let token = match held {
+            Some(old) if old.carries(issued.access_token.expose()) => {
+                debug!(integration = %name, "token endpoint handed back the token already held; using its new lifetime");
+                old.renewed(lifetime)
+            }
+            other => {
+                let generation = other.map(|t| t.generation + 1).unwrap_or(1);
+                match Token::new(issued.access_token.expose(), generation, lifetime) {
+                    Some(t) => t,
+                    // client.rs refuses such tokens already; this keeps the invariant local.
+                    None => return MIN_INTERVAL,
+                }
+            }
+        };
+        let expires_wall = token.expires_at_wall;
+        self.handle.store(token);
+        {
+            let mut status = self.handle.lock_status();
+            status.last_refresh = Some(SystemTime::now());
+            status.last_error = None;
+            status.last_error_at = None;
+            status.consecutive_failures = 0;
+        }
+        self.metrics.refresh(trigger, true);
+        self.metrics.valid.set(1);
+        self.metrics.expiry.set(
+            expires_wall
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+        );
+        info!(
+            integration = %name,
+            trigger = trigger.as_str(),
+            lifetime_s = lifetime.as_secs(),
+            expires_at = %humantime::format_rfc3339_seconds(expires_wall),
+            "token obtained"
+        );
+        lifetime
+    }
+
+    fn fail(&self, e: &FetchError, trigger: Trigger, retry_in: Duration, failures: u32) {
+        let name = &self.name;
+        self.metrics.refresh(trigger, false);
+        self.metrics.fetch_error(e.kind());
+        let valid_for = self
+            .handle
+            .current()
+            .map(|t| t.expires_at.saturating_duration_since(Instant::now()));
+        {
+            let mut status = self.handle.lock_status();
+            status.last_error = Some(e.to_string());
+            status.last_error_at = Some(SystemTime::now());
+            status.consecutive_failures = failures;
+        }
+        match valid_for {
+            Some(left) => warn!(
+                integration = %name,
+                trigger = trigger.as_str(),
+                kind = e.kind(),
+                error = %e,
+                retry_in_ms = retry_in.as_millis() as u64,
+                current_token_valid_for_s = left.as_secs(),
+                "token refresh failed; the current token stays in use"
+            ),
+            None => warn!(
+                integration = %name,
+                trigger = trigger.as_str(),
+                kind = e.kind(),
+                error = %e,
+                retry_in_ms = retry_in.as_millis() as u64,
+                "token request failed; requests get 503 token_unavailable until one succeeds"
+            ),
+        }
+    }
+}
+
+async fn poll_fetch(
+    in_flight: &mut Option<(Fetch, Trigger)>,
+) -> (Result<Issued, FetchError>, Duration) {
+    match in_flight {
+        Some((fetch, _)) => fetch.await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_happens_at_the_fraction_within_jitter() {
+        let hour = Duration::from_secs(3600);
+        assert_eq!(refresh_delay(hour, 0.8, 0.0), Duration::from_secs(2880));
+        assert_eq!(refresh_delay(hour, 0.8, 1.0), Duration::from_secs(3060));
+        assert_eq!(refresh_delay(hour, 0.8, -1.0), Duration::from_secs(2700));
+        // Never closer than 1 s, even for absurdly short tokens.
+        assert_eq!(
+            refresh_delay(Duration::from_millis(500), 0.8, 0.0),
+            MIN_INTERVAL
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_to_a_minute_with_full_jitter() {
+        assert_eq!(backoff(1, 0.99), MIN_INTERVAL);
+        assert_eq!(backoff(3, 0.5), Duration::from_secs(2));
+        assert_eq!(backoff(4, 1.0), Duration::from_secs(8));
+        assert_eq!(backoff(7, 1.0), MAX_BACKOFF);
+        assert_eq!(backoff(100, 1.0), MAX_BACKOFF);
+        assert_eq!(backoff(100, 0.0), MIN_INTERVAL);
+    }
+}
