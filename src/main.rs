@@ -117,6 +117,8 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
 }
 
 async fn serve(config: Config, path: PathBuf) -> ExitCode {
+    let terminate = shutdown::terminate_signal();
+    let mut hangup = shutdown::Hangup::install();
     for w in &config.warnings {
         warn!("{w}");
     }
@@ -138,14 +140,14 @@ async fn serve(config: Config, path: PathBuf) -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    let mut terminate = std::pin::pin!(shutdown::terminate_signal());
+    let mut terminate = std::pin::pin!(terminate);
     loop {
         tokio::select! {
             signal = &mut terminate => {
                 info!(signal, "shutting down: not ready, no new connections, draining in-flight requests");
                 break;
             }
-            _ = hangup() => {
+            _ = hangup.recv() => {
                 info!(config = %path.display(), "SIGHUP: reloading the configuration and every secret");
                 match Config::load(&path) {
                     Ok(new) => {
@@ -167,22 +169,6 @@ async fn serve(config: Config, path: PathBuf) -> ExitCode {
     running.shutdown(grace).await;
     info!("stopped");
     ExitCode::SUCCESS
-}
-
-#[cfg(unix)]
-async fn hangup() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::hangup()) {
-        Ok(mut s) => {
-            s.recv().await;
-        }
-        Err(_) => std::future::pending().await,
-    }
-}
-
-#[cfg(not(unix))]
-async fn hangup() {
-    std::future::pending().await
 }
 
 async fn check(config: &Config, fetch: bool) -> ExitCode {

@@ -40,22 +40,52 @@ impl Shutdown {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT with the signal's name. If a handler cannot be installed
-/// (not on Unix, or the runtime forbids it) only Ctrl-C is awaited.
-pub async fn terminate_signal() -> &'static str {
+/// Resolves on SIGTERM or SIGINT with the signal's name. The handlers are installed when
+/// this is called, not when the future is first polled: a signal that arrives in between
+/// must not fall through to the default action (killing the process without draining).
+/// Must be called inside the runtime. If a handler cannot be installed, only Ctrl-C counts.
+pub fn terminate_signal() -> impl std::future::Future<Output = &'static str> {
     #[cfg(unix)]
-    {
+    let handlers = {
         use tokio::signal::unix::{signal, SignalKind};
-        if let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
+        (
+            signal(SignalKind::terminate()).ok(),
+            signal(SignalKind::interrupt()).ok(),
+        )
+    };
+    async move {
+        #[cfg(unix)]
+        if let (Some(mut term), Some(mut int)) = handlers {
             return tokio::select! {
                 _ = term.recv() => "SIGTERM",
                 _ = int.recv() => "SIGINT",
             };
         }
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
     }
-    let _ = tokio::signal::ctrl_c().await;
-    "SIGINT"
+}
+
+/// A stream of SIGHUPs, installed now for the same reason; `None` where there is no SIGHUP.
+pub struct Hangup(#[cfg(unix)] Option<tokio::signal::unix::Signal>);
+
+impl Hangup {
+    pub fn install() -> Hangup {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Hangup(signal(SignalKind::hangup()).ok())
+        }
+        #[cfg(not(unix))]
+        Hangup()
+    }
+
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some(s) = self.0.as_mut() {
+            s.recv().await;
+            return;
+        }
+        std::future::pending::<()>().await
+    }
 }

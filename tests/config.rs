@@ -153,8 +153,7 @@ fn example_config_loads_with_the_secrets_it_names() {
 fn example_and_reference_name_every_key() {
     let example = example_text();
     let reference =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
-            .unwrap();
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
     let keys: Vec<&str> = SERVER_KEYS
         .iter()
         .chain(INTEGRATION_KEYS)

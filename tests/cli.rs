@@ -1,0 +1,410 @@
+//! The built binary: `--version`, exit codes for bad command lines and configurations, a real
+//! run that serves and exits 0 on SIGTERM after draining, SIGHUP reload, `check`, `token` and
+//! `demo`. Each test runs `target/.../tokengate` with its own config and free ports.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokengate::standin::{Hub, HubOptions};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tokengate");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn write_config(
+    dir: &Path,
+    hub: &Hub,
+    secret_file: &Path,
+    admin: u16,
+    listen: u16,
+) -> std::path::PathBuf {
+    let path = dir.join("tokengate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[server]
+admin_listen = "127.0.0.1:{admin}"
+shutdown_grace = "5s"
+
+[[integration]]
+name = "oms"
+listen = "127.0.0.1:{listen}"
+token_url = "{}"
+upstream = "{}"
+client_id = "cli-client"
+client_secret = {{ file = "{}" }}
+"#,
+            hub.token_url(),
+            hub.base_url(),
+            secret_file.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+async fn output(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_remove("TOKENGATE_CONFIG")
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A running binary whose stderr lines arrive on a channel, so tests wait for log events.
+struct Proc {
+    child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+    seen: Vec<String>,
+}
+
+impl Proc {
+    fn spawn(args: &[&str]) -> Proc {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("TOKENGATE_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::unbounded_channel();
+        let stderr = child.stderr.take().unwrap();
+        let tx2 = tx.clone();
+        tokio::spawn(async move {
+            let mut r = BufReader::new(stderr).lines();
+            while let Ok(Some(l)) = r.next_line().await {
+                let _ = tx.send(l);
+            }
+        });
+        let stdout = child.stdout.take().unwrap();
+        tokio::spawn(async move {
+            let mut r = BufReader::new(stdout).lines();
+            while let Ok(Some(l)) = r.next_line().await {
+                let _ = tx2.send(l);
+            }
+        });
+        Proc {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (bounded) for an output line containing `needle`.
+    async fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let line = tokio::time::timeout_at(deadline, self.lines.recv())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("no line with {needle:?}; saw:\n{}", self.seen.join("\n"))
+                })
+                .unwrap_or_else(|| {
+                    panic!(
+                        "process ended before {needle:?}; saw:\n{}",
+                        self.seen.join("\n")
+                    )
+                });
+            self.seen.push(line.clone());
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.child.id().unwrap() as i32), sig).unwrap();
+    }
+
+    async fn exit_code(&mut self) -> i32 {
+        tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .unwrap()
+            .unwrap()
+            .code()
+            .unwrap_or(-1)
+    }
+}
+
+#[tokio::test]
+async fn version_prints_and_exits_zero() {
+    let (code, out, _) = output(&["--version"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(
+        out.trim(),
+        format!("tokengate {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[tokio::test]
+async fn bad_command_line_exits_two() {
+    let (code, _, err) = output(&["--no-such-flag"]).await;
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = output(&["token"]).await;
+    assert_eq!(code, 2, "missing --integration: {err}");
+}
+
+#[tokio::test]
+async fn bad_configuration_exits_two_naming_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[[integration]]\nname = \"oms\"\nlisten = \"127.0.0.1:8081\"\nregion = \"us2\"\nclient_id = \"a\"\nclient_secrte = \"b\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = output(&["--config", path.to_str().unwrap()]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("bad.toml"), "{err}");
+    assert!(err.contains("integration[0]"), "{err}");
+    assert!(
+        err.contains("client_secret"),
+        "suggests the right key: {err}"
+    );
+
+    let (code, _, err) = output(&["--config", "/nonexistent/tokengate.toml"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("/nonexistent/tokengate.toml"), "{err}");
+
+    // `check` validates the same way.
+    let (code, _, err) = output(&["check", "--config", path.to_str().unwrap()]).await;
+    assert_eq!(code, 2, "{err}");
+}
+
+#[tokio::test]
+async fn runs_serves_reloads_and_drains_on_sigterm() {
+    let hub = support::hub_with(HubOptions {
+        client_id: Some("cli-client".into()),
+        client_secret: Some("first-secret".into()),
+        ..HubOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("client_secret");
+    std::fs::write(&secret, "first-secret\n").unwrap();
+    let (admin, listen) = (free_port(), free_port());
+    let config = write_config(dir.path(), &hub, &secret, admin, listen);
+    let mut p = Proc::spawn(&["--config", config.to_str().unwrap()]);
+    p.wait_for("token obtained").await;
+
+    let client = support::client();
+    let res = client
+        .get(format!("http://127.0.0.1:{listen}/v2/orders"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let ready = client
+        .get(format!("http://127.0.0.1:{admin}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+
+    // The key is regenerated: the old token dies with it. SIGHUP re-reads the secret file and
+    // fetches a token with the new secret at once.
+    hub.set_credentials(Some("cli-client".into()), Some("second-secret".into()));
+    std::fs::write(&secret, "second-secret\n").unwrap();
+    let before = hub.token_request_count();
+    p.signal(Signal::SIGHUP);
+    p.wait_for("configuration reloaded").await;
+    hub.wait_token_requests(before + 1).await;
+    p.wait_for("token obtained").await;
+    let res = client
+        .get(format!("http://127.0.0.1:{listen}/v2/orders"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let last = hub.token_requests().last().unwrap().clone();
+    assert_eq!(
+        last.params.get("client_secret").map(String::as_str),
+        Some("second-secret")
+    );
+
+    // A configuration that fails validation is rejected whole; the process keeps serving.
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{good}\nbogus_key = 1\n")).unwrap();
+    p.signal(Signal::SIGHUP);
+    p.wait_for("configuration rejected").await;
+    let metrics = client
+        .get(format!("http://127.0.0.1:{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        support::sample(
+            &metrics,
+            "tokengate_config_reloads_total",
+            &[("result", "success")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        support::sample(
+            &metrics,
+            "tokengate_config_reloads_total",
+            &[("result", "failure")]
+        ),
+        Some(1.0)
+    );
+    let res = client
+        .get(format!("http://127.0.0.1:{listen}/v2/orders"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+
+    p.signal(Signal::SIGTERM);
+    p.wait_for("drained").await;
+    assert_eq!(p.exit_code().await, 0);
+    let logs = p.seen.join("\n");
+    for secret in ["first-secret", "second-secret"] {
+        assert!(!logs.contains(secret), "a secret reached the log");
+    }
+    for token in hub.issued_tokens() {
+        assert!(!logs.contains(&token), "a token reached the log");
+    }
+}
+
+#[tokio::test]
+async fn sigint_also_drains_and_exits_zero() {
+    let hub = support::hub().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("client_secret");
+    std::fs::write(&secret, "s\n").unwrap();
+    let config = write_config(dir.path(), &hub, &secret, free_port(), free_port());
+    let mut p = Proc::spawn(&["--config", config.to_str().unwrap()]);
+    p.wait_for("token obtained").await;
+    p.signal(Signal::SIGINT);
+    assert_eq!(p.exit_code().await, 0);
+}
+
+#[tokio::test]
+async fn port_in_use_is_a_runtime_failure_naming_the_key() {
+    let hub = support::hub().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("client_secret");
+    std::fs::write(&secret, "s\n").unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let config = write_config(dir.path(), &hub, &secret, free_port(), port);
+    let (code, _, err) = output(&["--config", config.to_str().unwrap()]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("integration[0].listen"), "{err}");
+}
+
+#[tokio::test]
+async fn token_command_prints_lifetime_and_the_token_only_when_asked() {
+    let hub = support::hub_with(HubOptions {
+        client_id: Some("cli-client".into()),
+        client_secret: Some("s".into()),
+        ..HubOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("client_secret");
+    std::fs::write(&secret, "s\n").unwrap();
+    let config = write_config(dir.path(), &hub, &secret, free_port(), free_port());
+    let c = config.to_str().unwrap();
+
+    let (code, out, err) = output(&["token", "--config", c, "--integration", "oms"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.is_empty(),
+        "nothing on stdout without --show-token: {out}"
+    );
+    assert!(err.contains("lifetime"), "{err}");
+    for token in hub.issued_tokens() {
+        assert!(!err.contains(&token));
+    }
+
+    let (code, out, _) = output(&[
+        "token",
+        "--config",
+        c,
+        "--integration",
+        "oms",
+        "--show-token",
+    ])
+    .await;
+    assert_eq!(code, 0);
+    let printed = out.trim().to_string();
+    assert!(
+        hub.issued_tokens().contains(&printed),
+        "stdout is the token alone: {out:?}"
+    );
+
+    std::fs::write(&secret, "wrong\n").unwrap();
+    let (code, _, err) = output(&["token", "--config", c, "--integration", "oms"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("invalid_client"), "{err}");
+
+    let (code, _, err) = output(&["token", "--config", c, "--integration", "nope"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("oms"),
+        "names the integrations there are: {err}"
+    );
+}
+
+#[tokio::test]
+async fn check_prints_sources_never_values() {
+    let hub = support::hub().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("client_secret");
+    std::fs::write(&secret, "canary-check-secret\n").unwrap();
+    let config = write_config(dir.path(), &hub, &secret, free_port(), free_port());
+    let (code, out, err) =
+        output(&["check", "--config", config.to_str().unwrap(), "--fetch"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&secret.display().to_string()),
+        "names the secret file: {out}"
+    );
+    assert!(out.contains("token obtained"), "{out}");
+    assert!(!out.contains("canary-check-secret") && !err.contains("canary-check-secret"));
+}
+
+#[tokio::test]
+async fn demo_sends_a_call_and_stops_on_sigint() {
+    let mut p = Proc::spawn(&["demo"]);
+    let line = p.wait_for("→ HTTP").await;
+    assert!(line.contains("HTTP 200"), "{line}");
+    p.wait_for("token_ok").await;
+    p.wait_for("Ctrl-C").await;
+    p.signal(Signal::SIGINT);
+    assert_eq!(p.exit_code().await, 0);
+    let mut rest = String::new();
+    let _ = p
+        .child
+        .stdout
+        .take()
+        .map(|mut s| async move { s.read_to_string(&mut rest).await });
+}
