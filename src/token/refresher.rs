@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use super::client::{FetchError, Issued, TokenClient};
 use super::{ForceOutcome, ForceRequest, Token, TokenHandle};
-use crate::config::TokenSettings;
+use crate::config::{SecretSource, TokenSettings};
 use crate::shutdown::Shutdown;
 use crate::telemetry::{IntegrationMetrics, Trigger};
 
@@ -30,6 +30,36 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// At most one forced (401-triggered) refresh per this interval; a revoked key would otherwise
 /// turn every request into a token request.
 pub const FORCE_INTERVAL: Duration = Duration::from_secs(5);
+/// How often `{ file = ... }` credentials are re-read. Polling the content (not inotify)
+/// follows Kubernetes' atomic symlink swap of a mounted Secret without special cases, costs a
+/// few microseconds per tick, and keeps a new secret no more than this late.
+pub const SECRET_POLL: Duration = Duration::from_secs(2);
+
+/// Re-reads the `{ file = ... }` credentials; returns settings with the new values when one
+/// changed. A file that cannot be read right now (mid-swap) keeps the old value.
+fn reread_file_secrets(settings: &TokenSettings) -> Option<(TokenSettings, Vec<&'static str>)> {
+    let mut new = settings.clone();
+    let mut changed = Vec::new();
+    for (key, secret) in [
+        ("client_id", &mut new.client_id),
+        ("client_secret", &mut new.client_secret),
+    ] {
+        if !matches!(secret.source, SecretSource::File(_)) {
+            continue;
+        }
+        match secret.source.resolve(key) {
+            Ok(value) if value != secret.value => {
+                secret.value = value;
+                changed.push(key);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                debug!(error = %e, "secret file not readable right now; keeping the value held")
+            }
+        }
+    }
+    (!changed.is_empty()).then_some((new, changed))
+}
 
 /// When to refresh a token of `lifetime`: at `refresh_at` of it, moved by `jitter` ∈ [-1, 1]
 /// times 5 % of the lifetime so that many sidecars started together spread out.
@@ -115,6 +145,12 @@ impl Refresher {
         let mut last_forced: Option<Instant> = None;
         let mut failures: u32 = 0;
         let mut settings_open = true;
+        let watches_files = |s: &TokenSettings| {
+            matches!(s.client_id.source, SecretSource::File(_))
+                || matches!(s.client_secret.source, SecretSource::File(_))
+        };
+        let mut secret_poll = tokio::time::interval(SECRET_POLL);
+        secret_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
             let expiry = self
@@ -210,6 +246,21 @@ impl Refresher {
                         if let Some(c) = &client {
                             in_flight = Some((self.start_fetch(c, &settings), Trigger::CredentialsChanged));
                         }
+                        failures = 0;
+                    }
+                }
+                _ = secret_poll.tick(), if watches_files(&settings) => {
+                    let current = settings.clone();
+                    let reread = tokio::task::spawn_blocking(move || reread_file_secrets(&current))
+                        .await
+                        .ok()
+                        .flatten();
+                    if let Some((new, keys)) = reread {
+                        info!(integration = %name, changed = ?keys, "secret file changed; fetching a new token with it (the current token stays in use until then)");
+                        settings = Arc::new(new);
+                        in_flight = client
+                            .as_ref()
+                            .map(|c| (self.start_fetch(c, &settings), Trigger::CredentialsChanged));
                         failures = 0;
                     }
                 }
