@@ -76,6 +76,12 @@ pub async fn run(shutdown: impl Future<Output = &'static str>) -> Result<(), Dem
     )
     .await?;
 
+    // The first token takes a few milliseconds; the sample call should show the normal case.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !running.is_ready() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
     println!();
     println!("tokengate demo");
     println!(

@@ -145,7 +145,12 @@ impl TokenHandle {
         let (attempts, _) = watch::channel(0);
         let handle = TokenHandle {
             current: ArcSwapOption::empty(),
-            status: Mutex::new(Status::default()),
+            // The refresher's first fetch starts as soon as its task runs; a request that
+            // arrives before that must wait for it, not get a 503.
+            status: Mutex::new(Status {
+                fetching: true,
+                ..Status::default()
+            }),
             attempts,
             force,
         };

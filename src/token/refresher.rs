@@ -135,6 +135,9 @@ impl Refresher {
             Ok(c) => Some(c),
             Err(e) => {
                 warn!(integration = %name, error = %e, "cannot build the token client");
+                let mut status = self.handle.lock_status();
+                status.fetching = false;
+                status.last_error = Some(format!("cannot build the token client: {e}"));
                 None
             }
         };
@@ -201,6 +204,9 @@ impl Refresher {
                             // No client (a bad ca_file); retrying rebuilds it.
                             client = TokenClient::new(&settings).ok();
                             next_at = Instant::now() + MAX_BACKOFF;
+                            let mut status = self.handle.lock_status();
+                            status.fetching = false;
+                            status.next_attempt = Some(next_at);
                         }
                     }
                 }
