@@ -507,7 +507,12 @@ impl Gate {
                 return Err(e);
             }
         }
-        check_absolute_form(req.uri(), &settings.upstream)?;
+        // Only HTTP/1.x has absolute-form. Every HTTP/2 request carries :scheme and
+        // :authority (RFC 9113 §8.3.1), the counterpart of Host, which names this listener
+        // for a client calling it directly; like Host, it does not choose the upstream.
+        if req.version() < Version::HTTP_2 {
+            check_absolute_form(req.uri(), &settings.upstream)?;
+        }
         let Some(target) = req.uri().path_and_query().cloned() else {
             return Err(ProxyError::new(
                 ErrorCode::BadRequest,

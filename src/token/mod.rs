@@ -271,7 +271,11 @@ mod tests {
         assert!(handle.current().is_some());
         tokio::time::advance(Duration::from_secs(3)).await;
         assert!(handle.current().is_none());
-        handle.lock_status().next_attempt = Some(Instant::now() + Duration::from_secs(7));
+        {
+            let mut status = handle.lock_status();
+            status.fetching = false;
+            status.next_attempt = Some(Instant::now() + Duration::from_secs(7));
+        }
         let err = handle
             .wait_for_token(Duration::from_secs(5))
             .await

@@ -51,7 +51,7 @@ impl Tg {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "tokengate not ready within 10 s: {:?}",
-                reqwest::get(self.admin_url("/readyz")).await.ok()
+                client().get(self.admin_url("/readyz")).send().await.ok()
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -64,7 +64,10 @@ impl Tg {
     }
 
     pub async fn metrics(&self) -> String {
-        reqwest::get(self.admin_url("/metrics"))
+        // Not `reqwest::get`: this crate's reqwest has no default TLS provider and panics.
+        client()
+            .get(self.admin_url("/metrics"))
+            .send()
             .await
             .unwrap()
             .text()
@@ -75,6 +78,12 @@ impl Tg {
 
 /// The TOML of one integration `oms` pointed at `hub`; `extra` lines go into its table.
 pub fn toml_for(hub: &Hub, extra: &str) -> String {
+    toml_with(&hub.token_url(), &hub.base_url(), extra)
+}
+
+/// The TOML of one integration `oms` with its own token endpoint and upstream (which may be
+/// different servers); `extra` lines go into its table.
+pub fn toml_with(token_url: &str, upstream: &str, extra: &str) -> String {
     format!(
         r#"
 [server]
@@ -90,8 +99,7 @@ client_id = "test-client"
 client_secret = "test-secret"
 {extra}
 "#,
-        hub.token_url(),
-        hub.base_url()
+        token_url, upstream
     )
 }
 
@@ -136,6 +144,14 @@ pub async fn start(hub: &Hub, extra: &str) -> Tg {
     tg
 }
 
+/// tokengate with one integration fetching tokens from `token_url` and forwarding to
+/// `upstream`, ready.
+pub async fn start_with(token_url: &str, upstream: &str, extra: &str) -> Tg {
+    let tg = start_toml(&toml_with(token_url, upstream, extra)).await;
+    tg.ready().await;
+    tg
+}
+
 /// A plain-HTTP client that neither follows redirects nor uses a proxy from the environment.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -148,6 +164,17 @@ pub fn client() -> reqwest::Client {
 
 /// Sends raw bytes and returns everything the server sends until it closes or goes quiet.
 pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
+    String::from_utf8_lossy(&raw_bytes(addr, request).await).into_owned()
+}
+
+/// [`raw`], parsed: one HTTP/1.1 response (body by `Content-Length`, chunked, or until close).
+pub async fn raw_response(addr: SocketAddr, request: &[u8]) -> RawResponse {
+    RawResponse::parse(&raw_bytes(addr, request).await)
+}
+
+/// Sends raw bytes and returns everything the server sends until it closes, goes quiet, or
+/// the first response is complete.
+pub async fn raw_bytes(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(request).await.unwrap();
     let mut out = Vec::new();
@@ -168,10 +195,175 @@ pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
                 if out.len() >= head_end + 4 + len {
                     break;
                 }
+            } else if head.contains("transfer-encoding: chunked") && out.ends_with(b"\r\n0\r\n\r\n")
+            {
+                break;
             }
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
+}
+
+/// One HTTP/1.1 response as bytes on the wire, for tests that must see exactly which
+/// headers were sent.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    /// In the order received, names lower-cased.
+    pub headers: Vec<(String, String)>,
+    /// Decoded from chunked transfer coding when it was used.
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn parse(bytes: &[u8]) -> RawResponse {
+        let head_end = find(bytes, b"\r\n\r\n").unwrap_or_else(|| {
+            panic!(
+                "no complete response head in {:?}",
+                String::from_utf8_lossy(bytes)
+            )
+        });
+        let head = String::from_utf8_lossy(&bytes[..head_end]);
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap();
+        let status = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        let rest = &bytes[head_end + 4..];
+        let chunked = headers
+            .iter()
+            .any(|(n, v)| n == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked"));
+        let body = if chunked {
+            decode_chunked(rest)
+        } else {
+            rest.to_vec()
+        };
+        RawResponse {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// The first value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+fn decode_chunked(mut rest: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    loop {
+        let Some(line_end) = find(rest, b"\r\n") else {
+            panic!("truncated chunked body");
+        };
+        let size_text = String::from_utf8_lossy(&rest[..line_end]);
+        let size_text = size_text.split(';').next().unwrap().trim();
+        let size = usize::from_str_radix(size_text, 16).unwrap();
+        rest = &rest[line_end + 2..];
+        if size == 0 {
+            return body;
+        }
+        body.extend_from_slice(&rest[..size]);
+        rest = &rest[size + 2..];
+    }
+}
+
+/// A loopback address nothing listens on (bound, then closed), for "connection refused".
+pub async fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Waits (bounded) until the metric sample equals `want`; returns the last metrics text.
+pub async fn wait_sample(tg: &Tg, name: &str, labels: &[(&str, &str)], want: f64) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = tg.metrics().await;
+        if sample(&text, name, labels) == Some(want) {
+            return text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name}{labels:?} is {:?}, not {want}, after 10 s",
+            sample(&text, name, labels)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A test certificate authority (rcgen) that signs server certificates for the stand-in.
+pub struct TestCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "tokengate test CA");
+        TestCa {
+            issuer: rcgen::CertifiedIssuer::self_signed(params, key).unwrap(),
+        }
+    }
+
+    /// The CA certificate as PEM, for `ca_file`.
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// Writes the CA certificate to `dir/ca.pem` and returns the path.
+    pub fn write_pem(&self, dir: &Path) -> std::path::PathBuf {
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, self.pem()).unwrap();
+        path
+    }
+
+    /// A server configuration (ALPN h2, http/1.1) with a leaf for `names`, signed by this CA.
+    pub fn server_config(&self, names: &[&str]) -> std::sync::Arc<rustls::ServerConfig> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let leaf = rcgen::CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &self.issuer)
+            .unwrap();
+        tokengate::standin::tls_server_config(
+            vec![leaf.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap()
+    }
+}
+
+/// A stand-in served over TLS with a leaf for `names` signed by `ca`; its base URL is
+/// `https://localhost:PORT`.
+pub async fn tls_hub(ca: &TestCa, names: &[&str]) -> Hub {
+    hub_with(HubOptions {
+        tls: Some(ca.server_config(names)),
+        ..HubOptions::default()
+    })
+    .await
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {

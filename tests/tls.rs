@@ -1,0 +1,161 @@
+//! TLS towards the upstream (`tokengate::tls` and the proxy's pooled client): a private CA
+//! through `ca_file`, HTTP/2 by ALPN, verification that cannot be skipped (unknown issuer,
+//! wrong name), and the rule that plain `http://` is only for loopback upstreams. The
+//! stand-in hub serves TLS with rcgen certificates made per test.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::Path;
+
+use serde_json::Value;
+use support::{client, sample, start, start_with, tls_hub, TestCa};
+use tokengate::config::Config;
+
+fn ca_line(path: &Path) -> String {
+    // A TOML literal string: no escaping of the path's characters.
+    format!("ca_file = '{}'", path.display())
+}
+
+async fn upstream_errors(tg: &support::Tg, kind: &str) -> Option<f64> {
+    sample(
+        &tg.metrics().await,
+        "tokengate_upstream_errors_total",
+        &[("integration", "oms"), ("kind", kind)],
+    )
+}
+
+#[tokio::test]
+async fn private_ca_via_ca_file_with_http2_by_alpn() {
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = ca.write_pem(dir.path());
+    let hub = tls_hub(&ca, &["localhost"]).await;
+    assert!(hub.base_url().starts_with("https://localhost:"));
+    // The same TLS hub is the token endpoint: ca_file applies to both clients.
+    let tg = start(&hub, &ca_line(&ca_file)).await;
+    assert_eq!(hub.token_request_count(), 1);
+
+    let res = client()
+        .get(tg.url("/v2/orders?page=1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let echo: Value = res.json().await.unwrap();
+    assert_eq!(echo["version"], "HTTP/2.0");
+    hub.wait_api_requests(1).await;
+    let seen = &hub.api_requests()[0];
+    assert_eq!(seen.version, http::Version::HTTP_2);
+    assert_eq!(seen.uri, "/v2/orders?page=1");
+    // HTTP/2 carries the authority as :authority, with no separate host header
+    // (RFC 9113 §8.3.1).
+    assert!(!seen.headers.contains_key("host"), "{:?}", seen.headers);
+    assert_eq!(
+        seen.authority,
+        Some(format!("localhost:{}", hub.addr().port()))
+    );
+    assert!(seen
+        .token
+        .as_ref()
+        .is_some_and(|t| hub.issued_tokens().contains(t)));
+
+    // An 8 MiB body round-trips over h2 (flow control, many DATA frames).
+    let body: Vec<u8> = (0..8 * 1024 * 1024 / 4)
+        .flat_map(|i: u32| i.wrapping_mul(2_654_435_761).to_le_bytes())
+        .collect();
+    let res = client()
+        .post(tg.url("/echo-body"))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let got = res.bytes().await.unwrap();
+    assert_eq!(got.len(), body.len());
+    assert!(got == body, "the body came back altered");
+    hub.wait_api_requests(2).await;
+    let seen = &hub.api_requests()[1];
+    assert_eq!(seen.version, http::Version::HTTP_2);
+    assert_eq!(seen.body_len, body.len() as u64);
+    assert!(seen.body_complete);
+    assert_eq!(upstream_errors(&tg, "tls").await, Some(0.0));
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_issuer_without_ca_file_is_502_tls() {
+    let ca = TestCa::new();
+    let upstream = tls_hub(&ca, &["localhost"]).await;
+    // A plain-http token endpoint, so tokengate gets ready without the CA.
+    let tokens = support::hub().await;
+    let tg = start_with(&tokens.token_url(), &upstream.base_url(), "").await;
+
+    let res = client().get(tg.url("/v2/orders")).send().await.unwrap();
+    assert_eq!(res.status(), 502);
+    assert_eq!(res.headers()["x-tokengate-error"], "upstream_unreachable");
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"], "upstream_unreachable");
+    assert_eq!(body["integration"], "oms");
+    let message = body["message"].as_str().unwrap();
+    let lower = message.to_lowercase();
+    assert!(
+        lower.contains("tls") || lower.contains("certificate"),
+        "{message}"
+    );
+    assert!(message.contains("ca_file"), "{message}");
+    assert!(message.contains(&upstream.base_url()), "{message}");
+    assert_eq!(upstream.api_request_count(), 0);
+    assert_eq!(upstream_errors(&tg, "tls").await, Some(1.0));
+    assert_eq!(upstream_errors(&tg, "connect").await, Some(0.0));
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn certificate_for_another_name_is_502_tls() {
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = ca.write_pem(dir.path());
+    // Trusted issuer, but the leaf names otherhost while tokengate connects to localhost.
+    let upstream = tls_hub(&ca, &["otherhost"]).await;
+    let tokens = support::hub().await;
+    let tg = start_with(
+        &tokens.token_url(),
+        &upstream.base_url(),
+        &ca_line(&ca_file),
+    )
+    .await;
+
+    let res = client().get(tg.url("/v2/orders")).send().await.unwrap();
+    assert_eq!(res.status(), 502);
+    assert_eq!(res.headers()["x-tokengate-error"], "upstream_unreachable");
+    let body: Value = res.json().await.unwrap();
+    let message = body["message"].as_str().unwrap().to_lowercase();
+    assert!(message.contains("tls"), "{message}");
+    assert_eq!(upstream.api_request_count(), 0);
+    assert_eq!(upstream_errors(&tg, "tls").await, Some(1.0));
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn plain_http_upstream_is_refused_unless_loopback() {
+    let base = support::toml_with(
+        "http://127.0.0.1:9/oauth/token",
+        "http://api.bringg.com",
+        "",
+    )
+    .replace("{admin}", "127.0.0.1:0")
+    .replace("{listen0}", "127.0.0.1:0");
+    let err = Config::from_str(&base, Path::new("test.toml")).unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("integration[0].upstream"), "{message}");
+    assert!(message.contains("https://"), "{message}");
+
+    // The same file with an https upstream, or a loopback http one, is accepted.
+    for upstream in ["https://api.bringg.com", "http://127.0.0.1:9000"] {
+        let ok = support::toml_with("http://127.0.0.1:9/oauth/token", upstream, "")
+            .replace("{admin}", "127.0.0.1:0")
+            .replace("{listen0}", "127.0.0.1:0");
+        Config::from_str(&ok, Path::new("test.toml")).unwrap();
+    }
+}
