@@ -17,7 +17,9 @@ use tokengate::{shutdown, telemetry, Listeners};
 #[command(
     name = "tokengate",
     version,
-    about = "Adds a fresh OAuth 2.0 client-credentials Bearer token to plain-HTTP calls and forwards them to Bringg Delivery Hub over TLS"
+    about = "Adds a fresh OAuth 2.0 client-credentials Bearer token to plain-HTTP calls and forwards them to Bringg Delivery Hub over TLS",
+    long_about = "Adds a fresh OAuth 2.0 client-credentials Bearer token to plain-HTTP calls and forwards them to Bringg Delivery Hub over TLS.\n\nWithout a command, runs the proxy with the configuration file. SIGHUP reloads it and every secret; SIGTERM or SIGINT drain in-flight requests for shutdown_grace and exit 0.",
+    after_help = "Exit codes: 0 success, 1 runtime failure (including a failed `token` fetch or a port in use), 2 bad command line or configuration.\nFirst time? Run `tokengate demo`. Logs: TOKENGATE_LOG (env-filter syntax, default info)."
 )]
 struct Cli {
     /// Configuration file.
@@ -35,21 +37,22 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Validate the configuration, resolve secrets and print a summary (no secrets).
+    /// Validate the configuration, resolve every secret and print a summary and warnings (never a secret); exit 0 valid, 2 not.
     Check {
-        /// Also fetch one token per integration and report each result.
+        /// Also fetch one token per integration and report each result (exit 1 if any fails).
         #[arg(long)]
         fetch: bool,
     },
-    /// Fetch one token now and print its type, lifetime and expiry.
+    /// Fetch one token now, exactly as the proxy would, and print the endpoint, status, type, lifetime and expiry; exit 1 if it fails.
     Token {
+        /// The integration's `name` in the configuration.
         #[arg(long, value_name = "NAME")]
         integration: String,
-        /// Print the token itself, alone on stdout.
+        /// Also print the token itself, alone on stdout: curl -H "Authorization: Bearer $(tokengate token --integration oms --show-token)" ...
         #[arg(long)]
         show_token: bool,
     },
-    /// Run a local stand-in for Delivery Hub and a proxy wired to it (no credentials, no network).
+    /// Run a local stand-in for Delivery Hub and a proxy wired to it, send a sample call and keep serving (no config, no credentials, no network).
     Demo,
 }
 
@@ -171,40 +174,98 @@ async fn serve(config: Config, path: PathBuf) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// The `check` summary: one row per integration, where each secret comes from (never its
+/// value), then every warning.
 async fn check(config: &Config, fetch: bool) -> ExitCode {
-    println!("configuration {} is valid", config.path.display());
-    println!("admin: {}", config.server.admin_listen);
-    for i in &config.integrations {
-        println!(
-            "\n[{}]\n  listen        {}\n  token_url     {}\n  upstream      {}\n  client_id     from {}\n  client_secret from {}",
-            i.name,
-            i.listen,
-            i.token.token_url.url,
-            i.proxy.upstream.url,
-            i.token.client_id.source.describe(),
-            i.token.client_secret.source.describe(),
-        );
+    println!("{}: valid", config.path.display());
+    println!("admin endpoints: http://{}", config.server.admin_listen);
+    println!();
+    let rows: Vec<[String; 6]> = config
+        .integrations
+        .iter()
+        .map(|i| {
+            [
+                i.name.clone(),
+                i.listen.to_string(),
+                i.token.token_url.url.to_string(),
+                i.proxy.upstream.url.to_string(),
+                i.token.client_id.source.describe(),
+                i.token.client_secret.source.describe(),
+            ]
+        })
+        .collect();
+    let header = [
+        "integration",
+        "listen",
+        "token_url",
+        "upstream",
+        "client_id from",
+        "client_secret from",
+    ];
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
     }
-    for w in &config.warnings {
-        println!("warning: {w}");
+    let line = |cells: [&str; 6]| {
+        cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    println!("{}", line(header));
+    for row in &rows {
+        println!("{}", line(row.each_ref().map(String::as_str)));
+    }
+    let mut warnings = config.warnings.clone();
+    for i in &config.integrations {
+        // The lifetime tokengate expects: what it asks for, else what it assumes.
+        let lifetime = i.token.ttl.unwrap_or(i.token.assume_lifetime);
+        let margin = lifetime.mul_f64(1.0 - i.token.refresh_at);
+        if margin < std::time::Duration::from_secs(30) {
+            warnings.push(format!(
+                "integration {}: refresh_at = {} leaves {} before a {} token expires; a slow or failing token endpoint then means 503s — lower refresh_at or ask for a longer ttl",
+                i.name,
+                i.token.refresh_at,
+                humantime::format_duration(margin),
+                humantime::format_duration(lifetime)
+            ));
+        }
+    }
+    if !warnings.is_empty() {
+        println!();
+        for w in &warnings {
+            println!("warning: {w}");
+        }
     }
     if !fetch {
         return ExitCode::SUCCESS;
     }
+    println!();
     let mut failed = false;
     for i in &config.integrations {
         match fetch_one(&i.token).await {
             Ok(issued) => println!(
-                "{}: token obtained (lifetime {})",
+                "{}: token obtained from {} (HTTP {}, lifetime {})",
                 i.name,
+                i.token.token_url.url,
+                issued.status.as_u16(),
                 issued
                     .expires_in
                     .map(|d| humantime::format_duration(d).to_string())
-                    .unwrap_or_else(|| "not stated".into())
+                    .unwrap_or_else(|| "not stated; assume_lifetime applies".into())
             ),
             Err(e) => {
                 failed = true;
-                println!("{}: token request failed: {e}", i.name);
+                println!(
+                    "{}: token request to {} failed: {e}",
+                    i.name, i.token.token_url.url
+                );
             }
         }
     }
@@ -222,6 +283,16 @@ async fn fetch_one(
     client.fetch(settings).await.map_err(|e| e.to_string())
 }
 
+/// Local and UTC renderings of a wall-clock time.
+fn local_and_utc(t: std::time::SystemTime) -> String {
+    let local: chrono::DateTime<chrono::Local> = t.into();
+    format!(
+        "{} local, {} UTC",
+        local.format("%Y-%m-%d %H:%M:%S %:z"),
+        humantime::format_rfc3339_seconds(t)
+    )
+}
+
 async fn token(config: &Config, name: &str, show: bool) -> ExitCode {
     let Some(i) = config.integrations.iter().find(|i| i.name == name) else {
         let names: Vec<&str> = config
@@ -236,28 +307,31 @@ async fn token(config: &Config, name: &str, show: bool) -> ExitCode {
         );
         return ExitCode::from(EXIT_CONFIG);
     };
-    eprintln!("POST {}", i.token.token_url.url);
+    eprintln!("endpoint      POST {}", i.token.token_url.url);
     match fetch_one(&i.token).await {
         Ok(issued) => {
             let lifetime = issued.expires_in.unwrap_or(i.token.assume_lifetime);
             let expiry = std::time::SystemTime::now() + lifetime;
-            eprintln!("HTTP {}", issued.status);
+            eprintln!("status        HTTP {}", issued.status.as_u16());
             eprintln!("token_type    Bearer");
             eprintln!(
                 "lifetime      {}{}",
                 humantime::format_duration(lifetime),
                 if issued.expires_in.is_none() {
-                    " (no expires_in; assume_lifetime)"
+                    " (the response has no expires_in; this is assume_lifetime)"
+                } else if issued.capped {
+                    " (expires_in was over 24 h; capped)"
                 } else {
                     ""
                 }
             );
-            eprintln!(
-                "expires at    {} UTC",
-                humantime::format_rfc3339_seconds(expiry)
-            );
-            if let Some(skew) = issued.clock_skew {
-                eprintln!("clock skew    {skew} s (created_at minus this host's clock)");
+            eprintln!("expires       {}", local_and_utc(expiry));
+            match issued.clock_skew {
+                Some(skew) if skew.abs() > 30 => eprintln!(
+                    "clock skew    {skew} s (created_at minus this host's clock): check NTP on this host or the server; expiry is counted on this host's clock"
+                ),
+                Some(skew) => eprintln!("clock skew    {skew} s (created_at minus this host's clock)"),
+                None => eprintln!("clock skew    unknown (no created_at in the response)"),
             }
             if show {
                 println!("{}", issued.access_token.expose());

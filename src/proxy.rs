@@ -550,7 +550,7 @@ impl Gate {
                     let mut e = ProxyError::new(
                         ErrorCode::TokenUnavailable,
                         format!(
-                            "no valid token for this integration: {}. See GET /status on the admin port and tokengate's log for details",
+                            "no valid token for this integration: {}. For details see GET /status on the admin port and tokengate's log lines \"token request failed\" for this integration",
                             u.reason
                         ),
                     );

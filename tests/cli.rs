@@ -417,3 +417,117 @@ async fn demo_sends_a_call_and_stops_on_sigint() {
         .take()
         .map(|mut s| async move { s.read_to_string(&mut rest).await });
 }
+
+#[tokio::test]
+async fn help_covers_every_command_and_the_readme_lists_them() {
+    let (code, out, _) = output(&["--help"]).await;
+    assert_eq!(code, 0);
+    for command in [
+        "check",
+        "token",
+        "demo",
+        "--config",
+        "--version",
+        "Exit codes",
+    ] {
+        assert!(out.contains(command), "--help lacks {command}: {out}");
+    }
+    let (_, out, _) = output(&["token", "--help"]).await;
+    for flag in ["--integration", "--show-token", "--config"] {
+        assert!(out.contains(flag), "token --help lacks {flag}: {out}");
+    }
+    let (_, out, _) = output(&["check", "--help"]).await;
+    assert!(out.contains("--fetch"), "{out}");
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    for line in [
+        "tokengate check [--config PATH] [--fetch]",
+        "tokengate token [--config PATH] --integration NAME [--show-token]",
+        "tokengate demo",
+        "tokengate --version",
+    ] {
+        assert!(readme.contains(line), "README lacks `{line}`");
+    }
+}
+
+#[tokio::test]
+async fn check_warns_about_literal_secrets_and_a_late_refresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.toml");
+    std::fs::write(
+        &path,
+        "[[integration]]\nname = \"oms\"\nlisten = \"127.0.0.1:8081\"\nregion = \"eu2\"\nclient_id = \"id\"\nclient_secret = \"canary-literal\"\nttl = \"1m\"\nrefresh_at = 0.9\n",
+    )
+    .unwrap();
+    let (code, out, err) = output(&["check", "--config", path.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("https://eu2-admin-api.bringg.com/oauth/token"),
+        "{out}"
+    );
+    assert!(
+        out.contains("warning: integration[0].client_secret"),
+        "{out}"
+    );
+    assert!(out.contains("refresh_at = 0.9 leaves 6s"), "{out}");
+    assert!(!out.contains("canary-literal") && !err.contains("canary-literal"));
+}
+
+#[tokio::test]
+async fn token_failures_say_what_they_most_likely_mean() {
+    let hub = support::hub().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("client_secret");
+    std::fs::write(&secret, "s\n").unwrap();
+    let config = write_config(dir.path(), &hub, &secret, free_port(), free_port());
+    let c = config.to_str().unwrap();
+
+    hub.push_token_reply(tokengate::standin::TokenReply::Raw {
+        status: 404,
+        content_type: Some("text/html".into()),
+        headers: vec![],
+        body: "<html><title>Not Found</title></html>".into(),
+    });
+    let (code, _, err) = output(&["token", "--config", c, "--integration", "oms"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("404") && err.contains("region"), "{err}");
+
+    hub.push_token_reply(tokengate::standin::TokenReply::Raw {
+        status: 503,
+        content_type: Some("application/json".into()),
+        headers: vec![("retry-after".into(), "30".into())],
+        body: r#"{"error":"temporarily_unavailable"}"#.into(),
+    });
+    let (code, _, err) = output(&["token", "--config", c, "--integration", "oms"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("503") && err.contains("temporarily_unavailable"),
+        "{err}"
+    );
+
+    // A TLS endpoint whose CA tokengate does not know: the hint is ca_file.
+    let ca = support::TestCa::new();
+    let tls = support::tls_hub(&ca, &["localhost"]).await;
+    let path = dir.path().join("tls.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nadmin_listen = \"127.0.0.1:{}\"\n[[integration]]\nname = \"oms\"\nlisten = \"127.0.0.1:{}\"\ntoken_url = \"{}\"\nclient_id = \"a\"\nclient_secret = {{ file = \"{}\" }}\n",
+            free_port(),
+            free_port(),
+            tls.token_url(),
+            secret.display()
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = output(&[
+        "token",
+        "--config",
+        path.to_str().unwrap(),
+        "--integration",
+        "oms",
+    ])
+    .await;
+    assert_eq!(code, 1);
+    assert!(err.contains("TLS") && err.contains("ca_file"), "{err}");
+}
