@@ -1,0 +1,69 @@
+//! The stand-in Delivery Hub (token endpoint + API) as a process, for scripts: the benchmark
+//! and the end-to-end checks run it beside the real tokengate binary.
+//!
+//! ```text
+//! cargo run --release --example standin -- --port 0 --lifetime-secs 3600 [--tls-cert C --tls-key K]
+//! ```
+//! Prints its base URL (`http://127.0.0.1:PORT` or `https://localhost:PORT`) as the first line
+//! on stdout, then serves until SIGTERM/SIGINT.
+#![allow(clippy::print_stdout)] // the base URL on stdout is this program's interface
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokengate::standin::{tls_server_config, Hub, HubOptions};
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Port on 127.0.0.1 (0: any free port).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// Lifetime of issued tokens unless a request asks for a `ttl`.
+    #[arg(long, default_value_t = 3600)]
+    lifetime_secs: u64,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Accept only this client id (default: any).
+    #[arg(long)]
+    client_id: Option<String>,
+    /// Accept only this client secret (default: any).
+    #[arg(long)]
+    client_secret: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
+            let key = PrivateKeyDer::from_pem_file(key)?;
+            Some(tls_server_config(chain, key)?)
+        }
+        _ => None,
+    };
+    // Installed before the URL is printed: a script may signal as soon as it has read it.
+    let stop = tokengate::shutdown::terminate_signal();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await?;
+    let hub = Hub::start(
+        listener,
+        HubOptions {
+            token_lifetime: Duration::from_secs(args.lifetime_secs),
+            tls,
+            client_id: args.client_id,
+            client_secret: args.client_secret,
+        },
+    )
+    .await?;
+    println!("{}", hub.base_url());
+    stop.await;
+    hub.shutdown();
+    Ok(())
+}
