@@ -274,6 +274,7 @@ impl Hub {
                 lifetime: opts.token_lifetime,
                 client_id: opts.client_id,
                 client_secret: opts.client_secret,
+                revoke_on_issue: false,
             }),
             tokens: Mutex::new(Tokens::default()),
             token_replies: Mutex::new(VecDeque::new()),
@@ -328,6 +329,11 @@ impl Hub {
             settings.client_secret = client_secret;
         }
         self.revoke_all();
+    }
+
+    /// When on, issuing a token revokes every token issued before it.
+    pub fn set_revoke_on_issue(&self, on: bool) {
+        lock(&self.inner.state.settings).revoke_on_issue = on;
     }
 
     /// Queues a scripted token reply (FIFO, used before normal issuing).
@@ -463,6 +469,9 @@ struct Settings {
     lifetime: Duration,
     client_id: Option<String>,
     client_secret: Option<String>,
+    /// Each new token revokes every earlier one: a server that allows one live token per
+    /// app, which two tokengates sharing an app turn into revocation thrash.
+    revoke_on_issue: bool,
 }
 
 #[derive(Default)]
@@ -505,7 +514,11 @@ impl State {
 
     fn issue_token(&self, lifetime: Duration) -> String {
         let token = random_token();
+        let revoke = lock(&self.settings).revoke_on_issue;
         let mut tokens = lock(&self.tokens);
+        if revoke {
+            tokens.generation += 1;
+        }
         let entry = IssuedToken {
             expires_at: Instant::now().checked_add(lifetime),
             generation: tokens.generation,

@@ -1,0 +1,313 @@
+//! Secret rotation and revocation without dropped calls: a `{ file = ... }` secret swapped the
+//! way Kubernetes updates a mounted Secret, a new secret the endpoint rejects, revocation
+//! thrash between two tokengates sharing one app, and a soak with repeated revocation.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokengate::standin::{Hub, HubOptions};
+use tokio::time::Instant;
+
+/// A Secret volume as the kubelet lays it out: `client_secret` → `..data/client_secret`,
+/// `..data` → `..<version>`; an update writes a new version directory and swaps `..data`
+/// atomically with a rename.
+struct K8sSecret {
+    dir: PathBuf,
+    version: u32,
+}
+
+impl K8sSecret {
+    fn new(dir: &Path, value: &str) -> K8sSecret {
+        let mut s = K8sSecret {
+            dir: dir.to_path_buf(),
+            version: 0,
+        };
+        s.update(value);
+        std::os::unix::fs::symlink("..data/client_secret", dir.join("client_secret")).unwrap();
+        s
+    }
+
+    fn update(&mut self, value: &str) {
+        self.version += 1;
+        let version = format!("..2026_11_30_v{}", self.version);
+        std::fs::create_dir(self.dir.join(&version)).unwrap();
+        std::fs::write(
+            self.dir.join(&version).join("client_secret"),
+            format!("{value}\n"),
+        )
+        .unwrap();
+        let tmp = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink(&version, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join("client_secret")
+    }
+}
+
+fn toml(hub: &Hub, secret: &Path, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+admin_listen = "{{admin}}"
+shutdown_grace = "5s"
+
+[[integration]]
+name = "oms"
+listen = "{{listen0}}"
+token_url = "{}"
+upstream = "{}"
+client_id = "rot-client"
+client_secret = {{ file = "{}" }}
+{extra}
+"#,
+        hub.token_url(),
+        hub.base_url(),
+        secret.display()
+    )
+}
+
+async fn status(tg: &support::Tg) -> serde_json::Value {
+    support::client()
+        .get(tg.admin_url("/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Waits (bounded) until the integration holds a token of a generation above `after`.
+async fn wait_generation_above(tg: &support::Tg, after: u64) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = status(tg).await;
+        let generation = s["integrations"][0]["token"]["generation"]
+            .as_u64()
+            .unwrap_or(0);
+        if generation > after && s["integrations"][0]["token"]["valid"] == true {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "no new token: {s:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn secret_swapped_the_kubernetes_way_is_used_without_restart() {
+    let hub = support::hub_with(HubOptions {
+        client_id: Some("rot-client".into()),
+        client_secret: Some("secret-one".into()),
+        ..HubOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut secret = K8sSecret::new(dir.path(), "secret-one");
+    let tg = support::start_toml(&toml(&hub, &secret.path(), "")).await;
+    tg.ready().await;
+    let before = status(&tg).await["integrations"][0]["token"]["generation"]
+        .as_u64()
+        .unwrap();
+
+    // The key is regenerated in Delivery Hub (old token dead at once) and the Secret updated.
+    hub.set_credentials(Some("rot-client".into()), Some("secret-two".into()));
+    secret.update("secret-two");
+    wait_generation_above(&tg, before).await;
+    assert!(hub
+        .token_requests()
+        .iter()
+        .any(|r| r.params.get("client_secret").map(String::as_str) == Some("secret-two")));
+
+    // From the new token on, no replayable call fails.
+    let client = support::client();
+    for i in 0..40 {
+        let res = if i % 2 == 0 {
+            client.get(tg.url("/v2/orders")).send().await.unwrap()
+        } else {
+            client
+                .post(tg.url("/v2/orders"))
+                .body("{\"id\":1}")
+                .send()
+                .await
+                .unwrap()
+        };
+        assert_eq!(res.status(), 200, "call {i}");
+    }
+    let metrics = tg.metrics().await;
+    assert!(
+        support::sample(
+            &metrics,
+            "tokengate_token_refreshes_total",
+            &[("trigger", "credentials_changed"), ("result", "success")]
+        )
+        .unwrap()
+            >= 1.0,
+        "{metrics}"
+    );
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn a_new_secret_the_endpoint_rejects_is_reported_and_the_old_token_stays() {
+    let hub = support::hub_with(HubOptions {
+        client_id: Some("rot-client".into()),
+        client_secret: Some("secret-one".into()),
+        ..HubOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut secret = K8sSecret::new(dir.path(), "secret-one");
+    let tg = support::start_toml(&toml(&hub, &secret.path(), "")).await;
+    tg.ready().await;
+
+    // A typo in the new Secret: the endpoint refuses it; the old key still works upstream.
+    let before = hub.token_request_count();
+    secret.update("secret-typo");
+    hub.wait_token_requests(before + 1).await;
+    let metrics = support::wait_sample(
+        &tg,
+        "tokengate_token_fetch_errors_total",
+        &[("kind", "invalid_client")],
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        support::sample(
+            &metrics,
+            "tokengate_token_refreshes_total",
+            &[("trigger", "credentials_changed"), ("result", "failure")]
+        ),
+        Some(1.0)
+    );
+    let s = status(&tg).await;
+    let last_error = s["integrations"][0]["last_error"].as_str().unwrap();
+    assert!(last_error.contains("invalid_client"), "{last_error}");
+    assert!(!s.to_string().contains("secret-typo"));
+    let res = support::client()
+        .get(tg.url("/v2/orders"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "the old token stays in use");
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn revocation_thrash_between_two_tokengates_is_bounded_and_visible() {
+    // A server that allows one live token per app, and two tokengates sharing the app: each
+    // one's new token kills the other's.
+    let hub = support::hub().await;
+    hub.set_revoke_on_issue(true);
+    let a = support::start(&hub, "").await;
+    let b = support::start(&hub, "").await;
+    let client = support::client();
+    let started = Instant::now();
+    let mut statuses = std::collections::BTreeMap::new();
+    for i in 0..300 {
+        let tg = if i % 2 == 0 { &a } else { &b };
+        let res = client.get(tg.url("/v2/orders")).send().await.unwrap();
+        *statuses.entry(res.status().as_u16()).or_insert(0) += 1;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // Each tokengate forces at most one refresh per 5 s: fetches grow with time, not with
+    // the number of calls.
+    let bound = 2.0 + 2.0 * (elapsed / 5.0).ceil() + 2.0;
+    let fetches = hub.token_request_count() as f64;
+    assert!(
+        fetches <= bound,
+        "{fetches} token fetches in {elapsed:.1}s (bound {bound}) for 300 calls: {statuses:?}"
+    );
+    assert!(
+        statuses.get(&401).copied().unwrap_or(0) > 0,
+        "thrash must show: {statuses:?}"
+    );
+    let early = support::sample(&a.metrics().await, "tokengate_early_revocations_total", &[])
+        .unwrap()
+        + support::sample(&b.metrics().await, "tokengate_early_revocations_total", &[]).unwrap();
+    assert!(early >= 1.0, "early revocations are counted");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// ≥ 30 s of concurrent GET and POST traffic with 3 s tokens and a revocation every 7 s:
+/// no replayable call may fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_with_short_tokens_and_repeated_revocation_loses_no_call() {
+    let hub = support::hub_with(HubOptions {
+        token_lifetime: Duration::from_secs(3),
+        ..HubOptions::default()
+    })
+    .await;
+    let tg = support::start(&hub, "").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let url = tg.url("/v2/orders");
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let url = url.clone();
+        clients.push(tokio::spawn(async move {
+            let client = support::client();
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            let mut i = 0u32;
+            while Instant::now() < deadline {
+                i += 1;
+                let res = if (i + c) % 2 == 0 {
+                    client.get(&url).send().await
+                } else {
+                    client
+                        .post(&url)
+                        .body(format!("{{\"n\":{i}}}"))
+                        .send()
+                        .await
+                };
+                match res {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    Ok(r) => failed.push(format!(
+                        "{} {:?}",
+                        r.status(),
+                        r.headers().get("x-tokengate-error")
+                    )),
+                    Err(e) => failed.push(e.to_string()),
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (ok, failed)
+        }));
+    }
+    let mut revocations = 0;
+    while Instant::now() + Duration::from_secs(7) < deadline {
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        hub.revoke_all();
+        revocations += 1;
+    }
+    let (mut ok, mut failed) = (0, Vec::new());
+    for c in clients {
+        let (o, f) = c.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    assert!(revocations >= 3);
+    assert!(ok > 1000, "only {ok} calls succeeded");
+    assert!(
+        failed.is_empty(),
+        "{} of {} calls failed: {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        &failed[..failed.len().min(10)]
+    );
+    let metrics = tg.metrics().await;
+    assert!(
+        support::sample(
+            &metrics,
+            "tokengate_unauthorized_replays_total",
+            &[("result", "success")]
+        )
+        .unwrap()
+            >= 1.0
+    );
+    tg.stop().await;
+}
