@@ -88,6 +88,15 @@ request_timeout = "300ms"
         assert_eq!(res.status(), 200);
     }
     hub.wait_token_requests(2).await;
+    support::eventually(
+        "the refreshed token in use",
+        Duration::from_secs(10),
+        || async {
+            let s = tg.status().await;
+            (s["integrations"][0]["token"]["generation"].as_u64() >= Some(2)).then_some(())
+        },
+    )
+    .await;
 
     // A revocation: 401, forced refresh, replay.
     hub.revoke_all();

@@ -20,6 +20,10 @@ pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// More than a day is treated as a mistake on the server's side and capped (with a warning),
 /// so a revoked-but-not-reported token cannot linger for months.
 pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// A `Retry-After` longer than a day is a mistake on the server's side too; the cap also keeps
+/// `now + retry_after` from overflowing (`Retry-After: 18446744073709551615` would otherwise
+/// panic the refresher and leave the integration without a token until a restart).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 
 pub const USER_AGENT: &str = concat!("tokengate/", env!("CARGO_PKG_VERSION"));
 
@@ -227,7 +231,7 @@ impl TokenClient {
             .get(http::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            .map(|secs| Duration::from_secs(secs).min(MAX_RETRY_AFTER));
         let content_type = res
             .headers()
             .get(http::header::CONTENT_TYPE)

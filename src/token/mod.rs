@@ -201,6 +201,10 @@ impl TokenHandle {
             }
         }
         let status = self.lock_status();
+        // A fetch may have finished since the first look.
+        if let Some(token) = self.current() {
+            return Ok(token);
+        }
         let retry_after = status
             .next_attempt
             .map(|at| at.saturating_duration_since(Instant::now()))

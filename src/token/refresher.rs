@@ -135,16 +135,24 @@ impl Refresher {
             Ok(c) => Some(c),
             Err(e) => {
                 warn!(integration = %name, error = %e, "cannot build the token client");
-                let mut status = self.handle.lock_status();
-                status.fetching = false;
-                status.last_error = Some(format!("cannot build the token client: {e}"));
+                {
+                    let mut status = self.handle.lock_status();
+                    status.fetching = false;
+                    status.last_error = Some(format!("cannot build the token client: {e}"));
+                }
+                // Requests waiting for the first fetch learn at once that there is none.
+                self.handle.attempt_finished();
                 None
             }
         };
         let mut trigger = Trigger::Startup;
         let mut next_at = Instant::now();
         let mut in_flight: Option<(Fetch, Trigger)> = None;
+        // 401s sharing the forced fetch in flight.
         let mut waiters: Vec<ForceRequest> = Vec::new();
+        // 401s that arrived during a scheduled fetch: it may have been answered before the
+        // revocation that caused them, so they get a forced fetch of their own after it.
+        let mut after_scheduled: Vec<ForceRequest> = Vec::new();
         let mut last_forced: Option<Instant> = None;
         let mut failures: u32 = 0;
         let mut settings_open = true;
@@ -196,6 +204,22 @@ impl Refresher {
                     for w in waiters.drain(..) {
                         let _ = w.reply.send(self.outcome(w.generation, "the new token request failed"));
                     }
+                    if !after_scheduled.is_empty() {
+                        let forced_recently = last_forced.is_some_and(|t| t.elapsed() < FORCE_INTERVAL);
+                        match &client {
+                            Some(c) if !forced_recently => {
+                                last_forced = Some(Instant::now());
+                                info!(integration = %name, "upstream refused the token (401) during a scheduled refresh; refreshing again");
+                                in_flight = Some((self.start_fetch(c, &settings), Trigger::Unauthorized));
+                                waiters.append(&mut after_scheduled);
+                            }
+                            _ => {
+                                for w in after_scheduled.drain(..) {
+                                    let _ = w.reply.send(self.outcome(w.generation, "the new token request failed"));
+                                }
+                            }
+                        }
+                    }
                 }
                 _ = sleep_until(next_at), if in_flight.is_none() => {
                     match &client {
@@ -204,9 +228,12 @@ impl Refresher {
                             // No client (a bad ca_file); retrying rebuilds it.
                             client = TokenClient::new(&settings).ok();
                             next_at = Instant::now() + MAX_BACKOFF;
-                            let mut status = self.handle.lock_status();
-                            status.fetching = false;
-                            status.next_attempt = Some(next_at);
+                            {
+                                let mut status = self.handle.lock_status();
+                                status.fetching = false;
+                                status.next_attempt = Some(next_at);
+                            }
+                            self.handle.attempt_finished();
                         }
                     }
                 }
@@ -214,8 +241,12 @@ impl Refresher {
                     let current = self.handle.current();
                     if current.as_ref().is_some_and(|t| t.generation > req.generation) {
                         let _ = req.reply.send(self.outcome(req.generation, ""));
-                    } else if in_flight.is_some() {
-                        waiters.push(req);
+                    } else if let Some((_, in_flight_trigger)) = &in_flight {
+                        if *in_flight_trigger == Trigger::Scheduled {
+                            after_scheduled.push(req);
+                        } else {
+                            waiters.push(req);
+                        }
                     } else if last_forced.is_some_and(|t| t.elapsed() < FORCE_INTERVAL) {
                         let _ = req.reply.send(ForceOutcome::NotRefreshed(format!(
                             "a token was refreshed because of a 401 less than {}s ago and the upstream refuses that one too",
@@ -284,7 +315,13 @@ impl Refresher {
         match self.handle.current() {
             Some(t) if t.generation > generation => ForceOutcome::Replaced(t),
             Some(_) => ForceOutcome::NotRefreshed(
-                "the token endpoint handed back the token the upstream refused".into(),
+                self.handle
+                    .lock_status()
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| {
+                        "the token endpoint handed back the token the upstream refused".into()
+                    }),
             ),
             None => ForceOutcome::NotRefreshed(
                 self.handle
@@ -299,7 +336,11 @@ impl Refresher {
     /// Installs a new token; returns the lifetime the next refresh is planned from.
     fn accept(&self, issued: Issued, trigger: Trigger, settings: &TokenSettings) -> Duration {
         let name = &self.name;
-        let lifetime = issued.expires_in.unwrap_or(settings.assume_lifetime);
+        // The cap keeps a configured assume_lifetime of centuries from overflowing Instant.
+        let lifetime = issued
+            .expires_in
+            .unwrap_or(settings.assume_lifetime)
+            .min(super::client::MAX_LIFETIME);
         if issued.capped {
             warn!(integration = %name, "token endpoint sent an expires_in over 24 h; treating it as 24 h");
         }

@@ -74,6 +74,56 @@ impl Tg {
             .await
             .unwrap()
     }
+
+    /// One sample from `/metrics` for integration `oms` plus `labels`; 0 when absent.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let mut all = vec![("integration", "oms")];
+        all.extend_from_slice(labels);
+        sample(&self.metrics().await, name, &all).unwrap_or(0.0)
+    }
+
+    /// `GET /status` as JSON.
+    pub async fn status(&self) -> serde_json::Value {
+        client()
+            .get(self.admin_url("/status"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// `GET /readyz`: status code and JSON body.
+    pub async fn readyz(&self) -> (u16, serde_json::Value) {
+        let res = client()
+            .get(self.admin_url("/readyz"))
+            .send()
+            .await
+            .unwrap();
+        let code = res.status().as_u16();
+        (code, res.json().await.unwrap())
+    }
+}
+
+/// Polls `check` every 10 ms until it returns `Some`, failing with `what` after `limit`
+/// (for states that have no event to await, such as a `/status` field).
+pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {limit:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// The TOML of one integration `oms` pointed at `hub`; `extra` lines go into its table.
@@ -106,6 +156,20 @@ client_secret = "test-secret"
 /// Starts tokengate with `toml`, in which `{admin}` and `{listenN}` are replaced by addresses
 /// bound here on `127.0.0.1:0`.
 pub async fn start_toml(toml: &str) -> Tg {
+    prepare(toml).await.start().await
+}
+
+/// A configuration with its listeners bound but tokengate not started yet, so a test can
+/// connect (the kernel accepts into the backlog) before any of tokengate's tasks runs.
+pub struct Prepared {
+    pub config: Config,
+    pub listeners: Listeners,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// Binds `{admin}` and every `{listenN}` of `toml` on `127.0.0.1:0` and loads the result.
+pub async fn prepare(toml: &str) -> Prepared {
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut text = toml.replace("{admin}", &admin.local_addr().unwrap().to_string());
     let mut integrations = Vec::new();
@@ -119,21 +183,26 @@ pub async fn start_toml(toml: &str) -> Tg {
         integrations.push(l);
     }
     let config = Config::from_str(&text, Path::new("test.toml")).unwrap();
-    let admin_addr = admin.local_addr().unwrap();
-    let proxy = integrations[0].local_addr().unwrap();
-    let running = tokengate::start(
+    Prepared {
         config,
-        Listeners {
+        proxy: integrations[0].local_addr().unwrap(),
+        admin: admin.local_addr().unwrap(),
+        listeners: Listeners {
             admin,
             integrations,
         },
-    )
-    .await
-    .unwrap();
-    Tg {
-        running: Some(running),
-        proxy,
-        admin: admin_addr,
+    }
+}
+
+impl Prepared {
+    /// Starts tokengate (without waiting for readiness).
+    pub async fn start(self) -> Tg {
+        let running = tokengate::start(self.config, self.listeners).await.unwrap();
+        Tg {
+            running: Some(running),
+            proxy: self.proxy,
+            admin: self.admin,
+        }
     }
 }
 
@@ -175,8 +244,20 @@ pub async fn raw_response(addr: SocketAddr, request: &[u8]) -> RawResponse {
 /// Sends raw bytes and returns everything the server sends until it closes, goes quiet, or
 /// the first response is complete.
 pub async fn raw_bytes(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
+    read_bytes(raw_send(addr, request).await).await
+}
+
+/// Connects and sends raw bytes; read the answer with [`read_bytes`] (a test can send before
+/// the server runs, and read after).
+pub async fn raw_send(addr: SocketAddr, request: &[u8]) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(request).await.unwrap();
+    s
+}
+
+/// Everything the server sends on `s` until it closes, goes quiet, or the first response is
+/// complete.
+pub async fn read_bytes(mut s: TcpStream) -> Vec<u8> {
     let mut out = Vec::new();
     let mut buf = [0u8; 65536];
     loop {
