@@ -3,7 +3,7 @@
 //! proxy, prints what happened and what to try next, and serves until Ctrl-C.
 //!
 //! It goes through the same path as production: the embedded TOML is loaded with
-//! [`Config::from_str`] and served by [`crate::start`].
+//! [`Config::from_str_with_env`] and served by [`crate::start`].
 #![allow(clippy::print_stdout)] // the demo talks to the person who ran it
 
 use std::future::Future;
@@ -17,7 +17,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, ProxyEnv};
 use crate::standin::{Hub, HubOptions};
 use crate::{Listeners, StartError};
 
@@ -49,7 +49,13 @@ pub fn config(admin: SocketAddr, listen: SocketAddr, hub: &str) -> Result<Config
         .replace("{admin}", &admin.to_string())
         .replace("{listen}", &listen.to_string())
         .replace("{hub}", hub);
-    Config::from_str(&text, Path::new("(embedded demo configuration)"))
+    // Every endpoint is plain-http loopback, which never uses a proxy; an empty proxy
+    // environment also keeps a malformed HTTPS_PROXY from failing the demo.
+    Config::from_str_with_env(
+        &text,
+        Path::new("(embedded demo configuration)"),
+        &ProxyEnv::default(),
+    )
 }
 
 pub async fn run(shutdown: impl Future<Output = &'static str>) -> Result<(), DemoError> {

@@ -177,9 +177,36 @@ pub fn find_tls_error<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a rustl
     None
 }
 
+/// The first error of type `E` in `err`'s chain, looking inside `io::Error`s as
+/// [`find_tls_error`] does.
+pub fn find_in_chain<'a, E: StdError + 'static>(
+    err: &'a (dyn StdError + 'static),
+) -> Option<&'a E> {
+    let mut current: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = current {
+        if let Some(found) = e.downcast_ref::<E>() {
+            return Some(found);
+        }
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            if let Some(found) = find_in_chain::<E>(inner) {
+                return Some(found);
+            }
+        }
+        current = e.source();
+    }
+    None
+}
+
 /// Classifies a failed upstream exchange for the metric and the message. The pooled client
 /// wraps the interesting error several layers deep, so the whole source chain is inspected.
 pub fn classify_upstream(err: &(dyn StdError + 'static)) -> UpstreamErrorKind {
+    // First: a proxy that refused or could not be reached also carries an io error.
+    if find_in_chain::<crate::egress::TunnelError>(err).is_some() {
+        return UpstreamErrorKind::Proxy;
+    }
     if find_tls_error(err).is_some() {
         return UpstreamErrorKind::Tls;
     }
@@ -272,5 +299,17 @@ mod tests {
         );
         assert_eq!(classify_upstream(&tls), UpstreamErrorKind::Tls);
         assert!(chain(&tls).contains("UnknownIssuer") || chain(&tls).contains("unknown issuer"));
+    }
+
+    #[test]
+    fn a_tunnel_error_is_proxy_even_when_wrapped() {
+        let tunnel = crate::egress::TunnelError::Unreachable {
+            proxy: "http://p:3128".into(),
+            reason: "connection refused".into(),
+        };
+        let boxed: Box<dyn StdError + Send + Sync> = Box::new(tunnel);
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, boxed);
+        assert_eq!(classify_upstream(&io), UpstreamErrorKind::Proxy);
+        assert!(chain(&io).contains("egress proxy http://p:3128"));
     }
 }

@@ -21,6 +21,8 @@
 //! - [`admin`]: the admin listener.
 //! - [`telemetry`]: logging setup and every metric, on a registry owned by [`start`].
 //! - [`tls`]: the one rustls provider and root store both clients use.
+//! - [`egress`]: the upstream pool's connector: direct, or a CONNECT tunnel through the
+//!   egress proxy (the route each endpoint takes is decided in [`config`]).
 //! - [`shutdown`]: the stop signal and OS signals.
 //! - [`standin`]: a local stand-in for Delivery Hub (token endpoint + API) for `demo`, tests
 //!   and the benchmark.
@@ -35,6 +37,7 @@
 pub mod admin;
 pub mod config;
 pub mod demo;
+pub mod egress;
 pub mod error;
 pub mod proxy;
 pub mod shutdown;
@@ -192,7 +195,14 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
             metrics: m,
         });
         let addr = listener.local_addr().unwrap_or(integration.listen);
-        info!(integration = %integration.name, listen = %addr, upstream = %integration.proxy.upstream.url, "listening");
+        info!(
+            integration = %integration.name,
+            listen = %addr,
+            upstream = %integration.proxy.upstream.url,
+            upstream_route = %integration.proxy.egress.describe(),
+            token_route = %integration.token.egress.describe(),
+            "listening"
+        );
         serving.push(tokio::spawn(proxy::serve(
             listener,
             gate.clone(),

@@ -202,26 +202,29 @@ async fn check(config: &Config, fetch: bool) -> ExitCode {
         "client_id from",
         "client_secret from",
     ];
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let line = |cells: [&str; 6]| {
-        cells
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_string()
-    };
-    println!("{}", line(header));
-    for row in &rows {
-        println!("{}", line(row.each_ref().map(String::as_str)));
-    }
+    print_table(header, &rows);
+    // The route each endpoint takes (contract, Egress): direct and why, or which proxy and
+    // where it was configured. Credentials appear only as where they come from.
+    println!();
+    let routes: Vec<[String; 3]> = config
+        .integrations
+        .iter()
+        .flat_map(|i| {
+            [
+                [
+                    i.name.clone(),
+                    "token_url".to_owned(),
+                    i.token.egress.describe(),
+                ],
+                [
+                    i.name.clone(),
+                    "upstream".to_owned(),
+                    i.proxy.egress.describe(),
+                ],
+            ]
+        })
+        .collect();
+    print_table(["integration", "endpoint", "route"], &routes);
     let mut warnings = config.warnings.clone();
     for i in &config.integrations {
         // The lifetime tokengate expects: what it asks for, else what it assumes.
@@ -276,6 +279,30 @@ async fn check(config: &Config, fetch: bool) -> ExitCode {
     }
 }
 
+/// Left-aligned columns two spaces apart, as wide as their widest cell.
+fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: [&str; N]| {
+        cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    println!("{}", line(header));
+    for row in rows {
+        println!("{}", line(row.each_ref().map(String::as_str)));
+    }
+}
+
 async fn fetch_one(
     settings: &tokengate::config::TokenSettings,
 ) -> Result<tokengate::token::client::Issued, String> {
@@ -308,6 +335,7 @@ async fn token(config: &Config, name: &str, show: bool) -> ExitCode {
         return ExitCode::from(EXIT_CONFIG);
     };
     eprintln!("endpoint      POST {}", i.token.token_url.url);
+    eprintln!("route         {}", i.token.egress.describe());
     match fetch_one(&i.token).await {
         Ok(issued) => {
             let lifetime = issued.expires_in.unwrap_or(i.token.assume_lifetime);

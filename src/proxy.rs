@@ -30,7 +30,6 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, V
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -40,13 +39,14 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::config::{Endpoint, ProxySettings};
+use crate::egress::Connector;
 use crate::error::{chain, classify_upstream, ErrorCode, ProxyError, UpstreamErrorKind};
 use crate::shutdown::Shutdown;
 use crate::telemetry::{IntegrationMetrics, Replay};
 use crate::tls::{self, TlsError};
 use crate::token::{ForceOutcome, Token, TokenHandle};
 
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ReqBody>;
+pub type UpstreamClient = Client<HttpsConnector<Connector>, ReqBody>;
 
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(90);
@@ -98,17 +98,16 @@ impl Route {
 }
 
 fn build_client(settings: &ProxySettings) -> Result<UpstreamClient, TlsError> {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(settings.connect_timeout));
+    // Direct, or a CONNECT tunnel through the egress proxy; TLS to the upstream runs on top
+    // of either, so through a proxy it is end to end inside the tunnel.
+    let connector = Connector::new(&settings.egress, settings.connect_timeout);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls::client_config(settings.ca_file.as_deref())?)
         // Plain http is only ever configured for loopback (config validation).
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
+        .wrap_connector(connector);
     Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE)
         .pool_timer(TokioTimer::new())
@@ -628,6 +627,7 @@ impl Gate {
                 let advice = match kind {
                     UpstreamErrorKind::Tls => "; if the upstream uses a private CA, add it with ca_file (verification cannot be turned off)",
                     UpstreamErrorKind::Connect => "; check upstream, DNS and the network path",
+                    // The tunnel error already names the proxy, its answer and what to check.
                     _ => "",
                 };
                 let mut err = ProxyError::new(

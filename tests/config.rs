@@ -9,17 +9,19 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tokengate::config::ProxyEnv;
 use tokengate::config::*;
 
 const FILE: &str = "/etc/tokengate/tokengate.toml";
 
 fn load(text: &str) -> Config {
-    Config::from_str(text, Path::new(FILE)).unwrap_or_else(|e| panic!("{e}\n--- config:\n{text}"))
+    Config::from_str_with_env(text, Path::new(FILE), &ProxyEnv::default())
+        .unwrap_or_else(|e| panic!("{e}\n--- config:\n{text}"))
 }
 
 /// Loads `text`, expects an error that starts with the file name and contains every part.
 fn expect_error(text: &str, parts: &[&str]) -> String {
-    let message = match Config::from_str(text, Path::new(FILE)) {
+    let message = match Config::from_str_with_env(text, Path::new(FILE), &ProxyEnv::default()) {
         Ok(_) => panic!("expected an error for:\n{text}"),
         Err(e) => e.to_string(),
     };

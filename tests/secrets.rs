@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokengate::config::Config;
+use tokengate::config::ProxyEnv;
 use tokengate::standin::{HubOptions, TokenReply};
 
 #[derive(Clone, Default)]
@@ -117,11 +118,12 @@ request_timeout = "300ms"
     });
     hub.set_credentials(Some("leak-client".into()), Some(SECRET_TWO.into()));
     std::fs::write(&secret, format!("{SECRET_TWO}\n")).unwrap();
-    let reloaded = Config::from_str(
+    let reloaded = Config::from_str_with_env(
         &text(&secret)
             .replace("{admin}", &tg.admin.to_string())
             .replace("{listen0}", &tg.proxy.to_string()),
         Path::new("reload.toml"),
+        &ProxyEnv::default(),
     )
     .unwrap();
     seen.push_str(&format!("{reloaded:?}"));

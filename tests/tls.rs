@@ -11,6 +11,7 @@ use std::path::Path;
 use serde_json::Value;
 use support::{client, sample, start, start_with, tls_hub, TestCa};
 use tokengate::config::Config;
+use tokengate::config::ProxyEnv;
 
 fn ca_line(path: &Path) -> String {
     // A TOML literal string: no escaping of the path's characters.
@@ -146,7 +147,8 @@ async fn plain_http_upstream_is_refused_unless_loopback() {
     )
     .replace("{admin}", "127.0.0.1:0")
     .replace("{listen0}", "127.0.0.1:0");
-    let err = Config::from_str(&base, Path::new("test.toml")).unwrap_err();
+    let err =
+        Config::from_str_with_env(&base, Path::new("test.toml"), &ProxyEnv::default()).unwrap_err();
     let message = err.to_string();
     assert!(message.contains("integration[0].upstream"), "{message}");
     assert!(message.contains("https://"), "{message}");
@@ -156,6 +158,6 @@ async fn plain_http_upstream_is_refused_unless_loopback() {
         let ok = support::toml_with("http://127.0.0.1:9/oauth/token", upstream, "")
             .replace("{admin}", "127.0.0.1:0")
             .replace("{listen0}", "127.0.0.1:0");
-        Config::from_str(&ok, Path::new("test.toml")).unwrap();
+        Config::from_str_with_env(&ok, Path::new("test.toml"), &ProxyEnv::default()).unwrap();
     }
 }

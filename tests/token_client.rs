@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde_json::{json, Value};
+use tokengate::config::ProxyEnv;
 use tokengate::config::{Config, TokenSettings};
 use tokengate::standin::{Hub, HubOptions, TokenReply};
 use tokengate::token::client::{FetchError, Issued, TokenClient};
@@ -32,7 +33,7 @@ client_secret = {client_secret:?}
 {extra}
 "#
     );
-    let mut config = Config::from_str(&text, Path::new("test.toml"))
+    let mut config = Config::from_str_with_env(&text, Path::new("test.toml"), &ProxyEnv::default())
         .unwrap_or_else(|e| panic!("{e}\n--- config:\n{text}"));
     config.integrations.remove(0).token
 }

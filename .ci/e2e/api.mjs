@@ -11,12 +11,15 @@
 //   E2E_INTROSPECT_URL  the provider's introspection endpoint
 //   E2E_API_RESOURCE    this API's resource indicator, expected as the token's audience
 //   E2E_API_CLIENT / E2E_API_SECRET  this API's credentials at the provider
+//   E2E_TLS_CERT / E2E_TLS_KEY  optional: serve HTTPS with this PEM certificate and key (an
+//                       https introspection URL then needs NODE_EXTRA_CA_CERTS for its CA)
 //
 // GET /__e2e/stats (no auth; only oidc.sh calls it directly) returns per client_id the
 // distinct tokens accepted, plus counts of accepted and refused requests and why.
 
 import fs from 'node:fs';
 import http from 'node:http';
+import https from 'node:https';
 
 const env = (name) => {
   const v = process.env[name];
@@ -58,7 +61,11 @@ async function check(req) {
   return [info.client_id, null];
 }
 
-const server = http.createServer(async (req, res) => {
+const TLS = process.env.E2E_TLS_CERT
+  ? { cert: fs.readFileSync(process.env.E2E_TLS_CERT), key: fs.readFileSync(env('E2E_TLS_KEY')) }
+  : null;
+
+const listener = async (req, res) => {
   // Drain the body: the check is about headers only.
   for await (const _ of req);
   if (req.method === 'GET' && req.url === '/__e2e/stats') {
@@ -92,13 +99,14 @@ const server = http.createServer(async (req, res) => {
     });
     res.end(JSON.stringify({ ok: false, error: reason }));
   }
-});
+};
+const server = TLS ? https.createServer(TLS, listener) : http.createServer(listener);
 
 server.listen(0, '127.0.0.1', () => {
   const { port } = server.address();
   fs.writeFileSync(`${PORT_FILE}.tmp`, JSON.stringify({ port }));
   fs.renameSync(`${PORT_FILE}.tmp`, PORT_FILE);
-  console.log(`api http://127.0.0.1:${port}, introspecting at ${INTROSPECT_URL}`);
+  console.log(`api ${TLS ? 'https://localhost' : 'http://127.0.0.1'}:${port}, introspecting at ${INTROSPECT_URL}`);
 });
 
 for (const sig of ['SIGTERM', 'SIGINT']) process.on(sig, () => process.exit(0));

@@ -9,6 +9,9 @@
 //   E2E_CLIENT_POST / E2E_SECRET         client that authenticates with client_secret_post
 //   E2E_CLIENT_BASIC / E2E_SECRET_BASIC  client that authenticates with client_secret_basic
 //   E2E_API_CLIENT / E2E_API_SECRET      the resource server's own credentials, for introspection
+//   E2E_TLS_CERT / E2E_TLS_KEY           optional: serve HTTPS with this PEM certificate and key
+//                                        (issuer https://localhost:PORT; tinyproxy.sh uses it,
+//                                        because tokengate never proxies plain-http loopback)
 //
 // Besides oidc-provider's routes it answers GET /__e2e/stats with how many tokens it issued
 // per client, what the token requests looked like (auth method, User-Agent, Accept, resource)
@@ -17,6 +20,7 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import http from 'node:http';
+import https from 'node:https';
 
 import Provider, { errors } from 'oidc-provider';
 
@@ -35,20 +39,25 @@ const API_CLIENT = env('E2E_API_CLIENT');
 
 const stats = { issued: {}, requests: {}, errors: [] };
 
+const TLS = process.env.E2E_TLS_CERT
+  ? { cert: fs.readFileSync(process.env.E2E_TLS_CERT), key: fs.readFileSync(env('E2E_TLS_KEY')) }
+  : null;
+
 // The provider's issuer must contain the port, so listen first and build the provider after.
 let handler = (_req, res) => { res.statusCode = 503; res.end(); };
-const server = http.createServer((req, res) => {
+const listener = (req, res) => {
   if (req.method === 'GET' && req.url === '/__e2e/stats') {
     res.setHeader('content-type', 'application/json');
     res.end(JSON.stringify(stats));
     return;
   }
   handler(req, res);
-});
+};
+const server = TLS ? https.createServer(TLS, listener) : http.createServer(listener);
 
 server.listen(0, '127.0.0.1', () => {
   const { port } = server.address();
-  const issuer = `http://127.0.0.1:${port}`;
+  const issuer = TLS ? `https://localhost:${port}` : `http://127.0.0.1:${port}`;
 
   const provider = new Provider(issuer, {
     // Only to silence a warning: no interactive flow (hence no cookie) is used here.

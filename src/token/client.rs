@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::StatusCode;
 use serde_json::Value;
 
-use crate::config::{Secret, TokenAuth, TokenEncoding, TokenSettings};
+use crate::config::{proxy_name, Egress, Secret, TokenAuth, TokenEncoding, TokenSettings};
 use crate::tls::{self, TlsError};
 
 /// Token responses are small JSON objects; anything bigger is not one.
@@ -79,6 +79,10 @@ pub enum FetchError {
     Timeout(Duration),
     #[error("cannot connect to the token endpoint: {0}")]
     Connect(String),
+    /// The egress proxy refused the tunnel or could not be reached. Counted as `connect` in
+    /// `tokengate_token_fetch_errors_total`, whose contract has no `proxy` kind.
+    #[error("cannot reach the token endpoint: {0}")]
+    Proxy(String),
     #[error("TLS failure talking to the token endpoint: {0}; if it uses a private CA, add it with ca_file")]
     Tls(String),
     #[error("token endpoint sent an unusable response (HTTP {status}): {reason}")]
@@ -120,7 +124,7 @@ impl FetchError {
             FetchError::RateLimited { .. } => "rate_limited",
             FetchError::ServerError { .. } => "server_error",
             FetchError::Timeout(_) => "timeout",
-            FetchError::Connect(_) | FetchError::Setup(_) => "connect",
+            FetchError::Connect(_) | FetchError::Proxy(_) | FetchError::Setup(_) => "connect",
             FetchError::Tls(_) => "tls",
             FetchError::BadResponse { .. } => "bad_response",
         }
@@ -145,20 +149,36 @@ pub struct TokenClient {
 impl TokenClient {
     pub fn new(settings: &TokenSettings) -> Result<TokenClient, TlsError> {
         let tls = tls::client_config(settings.ca_file.as_deref())?;
-        let http = reqwest::Client::builder()
+        let setup = |e: reqwest::Error| TlsError::Pem {
+            path: "token client".into(),
+            reason: e.to_string(),
+        };
+        let builder = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .user_agent(USER_AGENT)
             // A token endpoint that redirects is misconfigured; following it could send the
             // client secret to another host.
-            .redirect(reqwest::redirect::Policy::none())
-            // Egress proxies are not supported yet; until they are, neither client uses the
-            // environment's, so both always take the same path (the contract's egress rule).
-            .no_proxy()
-            .build()
-            .map_err(|e| TlsError::Pem {
-                path: "token client".into(),
-                reason: e.to_string(),
-            })?;
+            .redirect(reqwest::redirect::Policy::none());
+        // The route was decided at load time by the same rule as the upstream's, so both
+        // clients take the same path; reqwest's own reading of the environment is never used.
+        let builder = match &settings.egress {
+            Egress::Direct { .. } => builder.no_proxy(),
+            Egress::Proxy { url, auth, .. } => {
+                // An https token_url through an http proxy: reqwest tunnels with CONNECT and
+                // sends the credentials on CONNECT only, TLS running inside the tunnel.
+                let mut proxy = reqwest::Proxy::all(url.as_str()).map_err(setup)?;
+                if let Some(auth) = auth {
+                    let (user, password) = auth
+                        .value
+                        .expose()
+                        .split_once(':')
+                        .unwrap_or((auth.value.expose(), ""));
+                    proxy = proxy.basic_auth(user, password);
+                }
+                builder.proxy(proxy)
+            }
+        };
+        let http = builder.build().map_err(setup)?;
         Ok(TokenClient { http })
     }
 
@@ -221,10 +241,10 @@ impl TokenClient {
             }
         };
 
-        let mut res = req
-            .send()
-            .await
-            .map_err(|e| transport_error(e, s.timeout))?;
+        let mut res = match req.send().await {
+            Ok(res) => res,
+            Err(e) => return Err(send_error(e, s).await),
+        };
         let status = res.status();
         let retry_after = res
             .headers()
@@ -267,6 +287,29 @@ impl TokenClient {
 
 fn form_encode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// A request that got no response. Through a proxy, a connect failure is the proxy's (the
+/// only TCP connection is to it), and reqwest reports it only as "proxy authorization
+/// required" or "unsuccessful" (hyper-util's tunnel keeps no status line and its error type
+/// is private). So the CONNECT is repeated once with [`crate::egress::probe`] to learn what
+/// the proxy answers: the same message the upstream pool gives for the same failure.
+async fn send_error(e: reqwest::Error, s: &TokenSettings) -> FetchError {
+    let Egress::Proxy { url, .. } = &s.egress else {
+        return transport_error(e, s.timeout);
+    };
+    if e.is_timeout() || !e.is_connect() || crate::error::find_tls_error(&e).is_some() {
+        return transport_error(e, s.timeout);
+    }
+    match crate::egress::probe(&s.egress, &s.token_url, s.timeout).await {
+        Some(tunnel) => FetchError::Proxy(tunnel.to_string()),
+        // The tunnel works now, so the failure was passing: report what reqwest saw.
+        None => FetchError::Proxy(format!(
+            "through egress proxy {}: {}",
+            proxy_name(url),
+            crate::error::chain(&e)
+        )),
+    }
 }
 
 fn transport_error(e: reqwest::Error, timeout: Duration) -> FetchError {

@@ -268,13 +268,22 @@ impl Refresher {
                     }
                     let new = self.settings.borrow_and_update().clone();
                     let refetch = needs_new_token(&settings, &new);
-                    if new.ca_file != settings.ca_file || client.is_none() {
+                    // The client holds the TLS roots and the egress route (proxy and its
+                    // credentials); a new egress_proxy_auth applies to the next tunnel.
+                    let egress_changed = new.egress != settings.egress;
+                    if new.ca_file != settings.ca_file || egress_changed || client.is_none() {
                         match TokenClient::new(&new) {
                             Ok(c) => client = Some(c),
                             Err(e) => warn!(integration = %name, error = %e, "cannot build the token client; keeping the previous one"),
                         }
                     }
                     settings = new;
+                    // A new route needs no new token, but while fetches fail (a proxy that
+                    // refused the old credentials) the next attempt should not wait out the
+                    // backoff.
+                    if egress_changed && !refetch && failures > 0 && in_flight.is_none() {
+                        next_at = Instant::now();
+                    }
                     if refetch {
                         info!(integration = %name, "token settings changed; fetching a new token");
                         // A fetch under the old settings would produce a token for the old

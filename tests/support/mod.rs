@@ -1,13 +1,19 @@
 //! The shared in-process harness: the stand-in Delivery Hub (token endpoint + API, with knobs
-//! and recordings) on `127.0.0.1:0`, tokengate started with its own listeners, and small
-//! clients (reqwest for ordinary calls, raw TCP for requests no client library would send).
+//! and recordings) on `127.0.0.1:0`, tokengate started with its own listeners, an egress
+//! CONNECT proxy ([`egress_proxy`]), and small clients (reqwest for ordinary calls, raw TCP for
+//! requests no client library would send).
+//!
+//! Configurations are loaded with an empty proxy environment, so a developer's or CI's
+//! `HTTPS_PROXY` never steers a test; `tests/egress_env.rs` is the one test of the real one.
 #![allow(dead_code, clippy::unwrap_used)]
+
+pub mod egress_proxy;
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use tokengate::config::Config;
+use tokengate::config::{Config, ProxyEnv};
 use tokengate::standin::{Hub, HubOptions};
 use tokengate::{Listeners, Running};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -159,6 +165,11 @@ pub async fn start_toml(toml: &str) -> Tg {
     prepare(toml).await.start().await
 }
 
+/// [`start_toml`] with the given proxy environment (`HTTPS_PROXY`, `NO_PROXY`).
+pub async fn start_toml_with_env(toml: &str, env: &ProxyEnv) -> Tg {
+    prepare_with_env(toml, env).await.start().await
+}
+
 /// A configuration with its listeners bound but tokengate not started yet, so a test can
 /// connect (the kernel accepts into the backlog) before any of tokengate's tasks runs.
 pub struct Prepared {
@@ -170,6 +181,11 @@ pub struct Prepared {
 
 /// Binds `{admin}` and every `{listenN}` of `toml` on `127.0.0.1:0` and loads the result.
 pub async fn prepare(toml: &str) -> Prepared {
+    prepare_with_env(toml, &ProxyEnv::default()).await
+}
+
+/// [`prepare`] with the given proxy environment.
+pub async fn prepare_with_env(toml: &str, env: &ProxyEnv) -> Prepared {
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut text = toml.replace("{admin}", &admin.local_addr().unwrap().to_string());
     let mut integrations = Vec::new();
@@ -182,7 +198,7 @@ pub async fn prepare(toml: &str) -> Prepared {
         text = text.replace(&key, &l.local_addr().unwrap().to_string());
         integrations.push(l);
     }
-    let config = Config::from_str(&text, Path::new("test.toml")).unwrap();
+    let config = Config::from_str_with_env(&text, Path::new("test.toml"), env).unwrap();
     Prepared {
         config,
         proxy: integrations[0].local_addr().unwrap(),
