@@ -209,6 +209,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
             config.server.header_read_timeout,
             graceful.clone(),
             accept_signal.clone(),
+            task_signal.clone(),
         )));
         gates.push(gate);
         listen.push(addr);
@@ -271,6 +272,10 @@ impl Running {
         if old.server.log_format != new.server.log_format {
             warn!("server.log_format changed; restart tokengate to apply it");
         }
+        if old.server.header_read_timeout != new.server.header_read_timeout {
+            // The listeners' HTTP/1 builders are made once at start.
+            warn!("server.header_read_timeout changed; restart tokengate to apply it");
+        }
         if old.server.allow_remote_clients != new.server.allow_remote_clients {
             warn!("server.allow_remote_clients changed; restart tokengate to apply it");
         }
@@ -309,8 +314,9 @@ impl Running {
         self.config = new;
     }
 
-    /// Stops accepting, reports not ready, lets in-flight requests finish for up to `grace`,
-    /// then stops every task. Returns whether the drain finished within the grace period.
+    /// Reports not ready, stops accepting, lets in-flight requests (and the bodies they
+    /// stream) finish for up to `grace`, then closes what is left and stops every task.
+    /// Returns whether the drain finished within the grace period.
     pub async fn shutdown(self, grace: Duration) -> bool {
         self.state.draining.store(true, Ordering::Relaxed);
         self.stop_accepting.fire();

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use tokengate::config::Config;
 use tokengate::token::client::TokenClient;
@@ -133,7 +133,6 @@ async fn serve(config: Config, path: PathBuf) -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    let grace = config.server.shutdown_grace;
     info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), "tokengate starting");
     let mut running = match tokengate::start(config, listeners).await {
         Ok(r) => r,
@@ -151,7 +150,9 @@ async fn serve(config: Config, path: PathBuf) -> ExitCode {
                 break;
             }
             _ = hangup.recv() => {
-                info!(config = %path.display(), "SIGHUP: reloading the configuration and every secret");
+                // A reload is logged once, with its outcome; `reload` adds a line per change
+                // that needs a restart or was applied.
+                debug!(config = %path.display(), "SIGHUP: reloading the configuration and every secret");
                 match Config::load(&path) {
                     Ok(new) => {
                         for w in &new.warnings {
@@ -159,16 +160,18 @@ async fn serve(config: Config, path: PathBuf) -> ExitCode {
                         }
                         running.reload(new);
                         running.state().metrics.reload(true);
-                        info!("configuration reloaded");
+                        info!(config = %path.display(), "SIGHUP: configuration reloaded");
                     }
                     Err(e) => {
                         running.state().metrics.reload(false);
-                        error!(error = %e, "configuration rejected; the running configuration stays");
+                        error!(error = %e, "SIGHUP: configuration rejected; the running configuration stays");
                     }
                 }
             }
         }
     }
+    // The grace of the configuration in force now: a reload may have changed it.
+    let grace = running.config().server.shutdown_grace;
     running.shutdown(grace).await;
     info!("stopped");
     ExitCode::SUCCESS

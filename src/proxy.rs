@@ -441,12 +441,14 @@ impl Gate {
                 if let Some(kind) = e.upstream_kind {
                     self.metrics.upstream_error(kind);
                 }
-                let blame = e.code.blame();
-                match blame {
-                    crate::error::Blame::Client => {
+                match e.code.blame() {
+                    // A client's mistake is not an operator's alarm; a missing token was
+                    // logged once, with its cause, by the refresher that failed to get one.
+                    // The access line carries the error code either way.
+                    crate::error::Blame::Client | crate::error::Blame::TokenSupply => {
                         debug!(integration = %self.name, error = e.code.as_str(), message = %e.message, "request refused")
                     }
-                    _ => {
+                    crate::error::Blame::Upstream => {
                         warn!(integration = %self.name, error = e.code.as_str(), message = %e.message, request_id = ?rid, "request failed")
                     }
                 }
@@ -471,7 +473,8 @@ impl Gate {
             method = %method,
             path = %path,
             status = status.as_u16(),
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            // Microsecond precision: 1.234, not 1.2345678900000001.
+            duration_ms = elapsed.as_micros() as f64 / 1000.0,
             request_id = rid.to_str().unwrap_or("-"),
             error = error.map(ErrorCode::as_str),
             );
@@ -744,13 +747,15 @@ impl Gate {
 }
 
 /// Accepts connections on one integration listener until `shutdown`, then stops accepting and
-/// returns; in-flight connections are tracked by `graceful` for the caller to drain.
+/// returns; in-flight connections are tracked by `graceful` for the caller to drain, and
+/// closed when `close` fires (the drain's deadline passed).
 pub async fn serve(
     listener: TcpListener,
     gate: Arc<Gate>,
     header_read_timeout: Duration,
     graceful: Arc<GracefulShutdown>,
     mut shutdown: Shutdown,
+    close: Shutdown,
 ) {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -783,9 +788,14 @@ pub async fn serve(
             .serve_connection(TokioIo::new(stream), svc)
             .into_owned();
         let conn = graceful.watch(conn);
+        let mut close = close.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(peer = %peer, error = %e, "client connection ended with an error");
+            tokio::select! {
+                ended = conn => if let Err(e) = ended {
+                    debug!(peer = %peer, error = %e, "client connection ended with an error");
+                },
+                // Dropping the connection closes it, a request or body in flight included.
+                _ = close.wait() => debug!(peer = %peer, "client connection closed: shutdown_grace expired"),
             }
         });
     }

@@ -20,10 +20,17 @@ use crate::error::UpstreamErrorKind;
 use crate::token::client::FETCH_ERROR_KINDS;
 
 /// Installs the global tracing subscriber: level from `TOKENGATE_LOG` (env-filter syntax,
-/// default `info`), text or JSON lines on stderr.
+/// default `info`), text or JSON lines on stderr. A `TOKENGATE_LOG` that does not parse is
+/// reported (once logging works) and `info` used instead.
 pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TOKENGATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use tracing_subscriber::EnvFilter;
+    let (filter, rejected) = match std::env::var("TOKENGATE_LOG") {
+        Ok(directives) if !directives.trim().is_empty() => match EnvFilter::try_new(&directives) {
+            Ok(filter) => (filter, None),
+            Err(e) => (EnvFilter::new("info"), Some((directives, e))),
+        },
+        _ => (EnvFilter::new("info"), None),
+    };
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -35,6 +42,9 @@ pub fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+    if let Some((directives, error)) = rejected {
+        tracing::warn!(TOKENGATE_LOG = %directives, error = %error, "TOKENGATE_LOG is not a valid filter; logging at info");
+    }
 }
 
 pub const TRIGGERS: [&str; 4] = [
