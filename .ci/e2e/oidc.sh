@@ -322,8 +322,10 @@ for name in e2e-post e2e-basic; do
   check "$name: the provider refused no token request ($refused)" test "$refused" -eq 0
   check "$name: client authenticated with ${METHOD[$name]} only ([$methods])" \
     test "$methods" = "${METHOD[$name]}"
+  # shellcheck disable=SC2016 # single quotes on purpose: eval expands them inside check
   check "$name: token requests sent User-Agent tokengate/<version> ([$agents])" \
     eval '[[ -n $agents && $agents == tokengate/* && $agents != *,* ]]'
+  # shellcheck disable=SC2016 # single quotes on purpose: eval expands them inside check
   check "$name: token requests sent Accept: application/json ([$accepts])" \
     eval '[[ $accepts == *application/json* ]]'
   check "$name: token requests carried resource=$RESOURCE from extra_params ([$resources])" \

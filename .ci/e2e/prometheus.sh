@@ -247,6 +247,17 @@ while IFS=$'\t' read -r name expr; do
 done < <(awk '/^ *- alert: /{name=$3} /^ *expr: /{sub(/^ *expr: /, ""); print name "\t" $0}' "$RULES")
 ((${#ALERTS[@]} >= 5)) || fail "only ${#ALERTS[@]} alerts in $RULES"
 
+# ---- every query of the Grafana dashboard returns data ----
+DASHBOARD=$REPO_ROOT/deploy/kubernetes/base/grafana-dashboard.json
+if DASH_QUERIES=$(python3 "$HERE/lib/queries.py" --labelled "$DASHBOARD"); then
+  while IFS=$'\t' read -r where q; do
+    if wait_until "$QUERY_WAIT" has_data "$q"; then pass "dashboard $where: $(query "$q")"
+    else fail "dashboard $where: no data for $q"; fi
+  done <<<"$DASH_QUERIES"
+else
+  fail "cannot extract the dashboard's queries from $DASHBOARD"
+fi
+
 # Every rule was loaded and evaluates without error.
 rules_ok() {
   curl -fsS --max-time 5 "$PROM/api/v1/rules" | python3 -c '
