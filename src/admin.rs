@@ -85,6 +85,7 @@ fn status(state: &State) -> Value {
                 "last_error": s.last_error,
                 "last_error_at": s.last_error_at.map(rfc3339),
                 "consecutive_failures": s.consecutive_failures,
+                "warning": s.warning,
                 "fetching": s.fetching,
                 "next_attempt_in_s": s.next_attempt.map(|t| t.saturating_duration_since(now).as_secs()),
                 "requests_served": g.metrics.served.load(Ordering::Relaxed),

@@ -687,7 +687,8 @@ impl Gate {
         copy: ReplayCopy,
         token: Arc<Token>,
     ) -> Result<Response<ResBody>, ProxyError> {
-        if token.obtained_at.elapsed() < token.lifetime / 2 {
+        let early = token.obtained_at.elapsed() < token.lifetime / 2;
+        if early {
             self.metrics.early_revocations.inc();
         }
         let Some(body) = copy.body.take() else {
@@ -697,13 +698,13 @@ impl Gate {
             let generation = token.generation;
             let wait = route.settings.request_timeout;
             tokio::spawn(async move {
-                handle.force_refresh(generation, wait).await;
+                handle.force_refresh(generation, early, wait).await;
             });
             return Ok(self.respond(res));
         };
         match self
             .token
-            .force_refresh(token.generation, route.settings.request_timeout)
+            .force_refresh(token.generation, early, route.settings.request_timeout)
             .await
         {
             ForceOutcome::Replaced(new) => {

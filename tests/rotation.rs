@@ -230,6 +230,13 @@ async fn revocation_thrash_between_two_tokengates_is_bounded_and_visible() {
         .unwrap()
         + support::sample(&b.metrics().await, "tokengate_early_revocations_total", &[]).unwrap();
     assert!(early >= 1.0, "early revocations are counted");
+    // The likely cause and the fix are named (in the log once a minute, and in /status).
+    let warning = format!(
+        "{} {}",
+        a.status().await["integrations"][0]["warning"],
+        b.status().await["integrations"][0]["warning"]
+    );
+    assert!(warning.contains("share this Delivery Hub app"), "{warning}");
     a.stop().await;
     b.stop().await;
 }

@@ -95,6 +95,8 @@ pub struct Status {
     pub last_error: Option<String>,
     pub last_error_at: Option<SystemTime>,
     pub consecutive_failures: u32,
+    /// Set while tokens keep being revoked soon after issue (revocation thrash).
+    pub warning: Option<String>,
 }
 
 /// Why a forced refresh after a 401 did or did not produce a token to replay with.
@@ -109,6 +111,8 @@ pub enum ForceOutcome {
 
 pub(crate) struct ForceRequest {
     pub generation: u64,
+    /// The refused token was younger than half its lifetime: the thrash signal.
+    pub early: bool,
     pub reply: oneshot::Sender<ForceOutcome>,
 }
 
@@ -222,7 +226,12 @@ impl TokenHandle {
 
     /// Asks for one forced refresh because the upstream refused the token of `generation`.
     /// Single-flight and rate-limited by the refresher; waits at most `wait` for the outcome.
-    pub async fn force_refresh(&self, generation: u64, wait: Duration) -> ForceOutcome {
+    pub async fn force_refresh(
+        &self,
+        generation: u64,
+        early: bool,
+        wait: Duration,
+    ) -> ForceOutcome {
         if let Some(token) = self.current() {
             if token.generation > generation {
                 return ForceOutcome::Replaced(token);
@@ -231,7 +240,11 @@ impl TokenHandle {
         let (reply, rx) = oneshot::channel();
         if self
             .force
-            .send(ForceRequest { generation, reply })
+            .send(ForceRequest {
+                generation,
+                early,
+                reply,
+            })
             .await
             .is_err()
         {

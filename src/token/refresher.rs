@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::client::{FetchError, Issued, TokenClient};
 use super::{ForceOutcome, ForceRequest, Token, TokenHandle};
@@ -30,6 +30,40 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// At most one forced (401-triggered) refresh per this interval; a revoked key would otherwise
 /// turn every request into a token request.
 pub const FORCE_INTERVAL: Duration = Duration::from_secs(5);
+/// Forced refreshes for tokens revoked soon after issue back off up to this.
+pub const MAX_FORCE_INTERVAL: Duration = Duration::from_secs(300);
+/// The thrash error is logged at most this often.
+const THRASH_LOG_INTERVAL: Duration = Duration::from_secs(60);
+/// Early revocations within one log interval that make it thrash rather than bad luck.
+const THRASH_THRESHOLD: u32 = 3;
+
+/// Counts early revocations (401s for tokens younger than half their lifetime) so that a
+/// ping-pong between two holders of one app is named once a minute, not once per request.
+struct Thrash {
+    window_start: Instant,
+    count: u32,
+    last_log: Option<Instant>,
+}
+
+impl Thrash {
+    /// Records one early revocation; returns how many there were in the current window when
+    /// it is time to log.
+    fn note(&mut self, now: Instant) -> Option<u32> {
+        if now.duration_since(self.window_start) > THRASH_LOG_INTERVAL {
+            self.window_start = now;
+            self.count = 0;
+        }
+        self.count += 1;
+        let due = self
+            .last_log
+            .is_none_or(|t| now.duration_since(t) >= THRASH_LOG_INTERVAL);
+        (self.count >= THRASH_THRESHOLD && due).then(|| {
+            self.last_log = Some(now);
+            self.count
+        })
+    }
+}
+
 /// How often `{ file = ... }` credentials are re-read. Polling the content (not inotify)
 /// follows Kubernetes' atomic symlink swap of a mounted Secret without special cases, costs a
 /// few microseconds per tick, and keeps a new secret no more than this late.
@@ -154,6 +188,14 @@ impl Refresher {
         // revocation that caused them, so they get a forced fetch of their own after it.
         let mut after_scheduled: Vec<ForceRequest> = Vec::new();
         let mut last_forced: Option<Instant> = None;
+        // Doubles each time a forced refresh answers an early revocation, so two holders of
+        // one app back off instead of revoking each other's tokens as fast as they can.
+        let mut force_interval = FORCE_INTERVAL;
+        let mut thrash = Thrash {
+            window_start: Instant::now(),
+            count: 0,
+            last_log: None,
+        };
         let mut failures: u32 = 0;
         let mut settings_open = true;
         let watches_files = |s: &TokenSettings| {
@@ -205,7 +247,7 @@ impl Refresher {
                         let _ = w.reply.send(self.outcome(w.generation, "the new token request failed"));
                     }
                     if !after_scheduled.is_empty() {
-                        let forced_recently = last_forced.is_some_and(|t| t.elapsed() < FORCE_INTERVAL);
+                        let forced_recently = last_forced.is_some_and(|t| t.elapsed() < force_interval);
                         match &client {
                             Some(c) if !forced_recently => {
                                 last_forced = Some(Instant::now());
@@ -238,6 +280,20 @@ impl Refresher {
                     }
                 }
                 Some(req) = self.force_rx.recv() => {
+                    if req.early {
+                        if let Some(count) = thrash.note(Instant::now()) {
+                            let message = format!(
+                                "tokens keep being revoked soon after they are issued ({count} times within a minute): most likely several tokengate replicas or other systems share this Delivery Hub app and the server revokes the previous token on each new issue; give each replica its own app. Forced refreshes back off (now at most one per {})",
+                                humantime::format_duration(force_interval)
+                            );
+                            error!(integration = %name, early_revocations = count, "{message}");
+                            self.handle.lock_status().warning = Some(message);
+                        }
+                    } else if force_interval != FORCE_INTERVAL {
+                        // A token that lived half its lifetime: whatever thrashed has stopped.
+                        force_interval = FORCE_INTERVAL;
+                        self.handle.lock_status().warning = None;
+                    }
                     let current = self.handle.current();
                     if current.as_ref().is_some_and(|t| t.generation > req.generation) {
                         let _ = req.reply.send(self.outcome(req.generation, ""));
@@ -247,13 +303,16 @@ impl Refresher {
                         } else {
                             waiters.push(req);
                         }
-                    } else if last_forced.is_some_and(|t| t.elapsed() < FORCE_INTERVAL) {
+                    } else if last_forced.is_some_and(|t| t.elapsed() < force_interval) {
                         let _ = req.reply.send(ForceOutcome::NotRefreshed(format!(
-                            "a token was refreshed because of a 401 less than {}s ago and the upstream refuses that one too",
-                            FORCE_INTERVAL.as_secs()
+                            "a token was refreshed because of a 401 less than {} ago and the upstream refuses that one too",
+                            humantime::format_duration(force_interval)
                         )));
                     } else if let Some(c) = &client {
                         last_forced = Some(Instant::now());
+                        if req.early {
+                            force_interval = (force_interval * 2).min(MAX_FORCE_INTERVAL);
+                        }
                         info!(integration = %name, "upstream refused the token (401); refreshing now");
                         in_flight = Some((self.start_fetch(c, &settings), Trigger::Unauthorized));
                         waiters.push(req);
@@ -461,6 +520,30 @@ mod tests {
             refresh_delay(Duration::from_millis(500), 0.8, 0.0),
             MIN_INTERVAL
         );
+    }
+
+    #[test]
+    fn thrash_is_named_after_three_early_revocations_and_then_once_a_minute() {
+        let start = Instant::now();
+        let mut t = Thrash {
+            window_start: start,
+            count: 0,
+            last_log: None,
+        };
+        assert_eq!(t.note(start), None);
+        assert_eq!(t.note(start + Duration::from_secs(1)), None);
+        assert_eq!(t.note(start + Duration::from_secs(2)), Some(3));
+        assert_eq!(
+            t.note(start + Duration::from_secs(3)),
+            None,
+            "once a minute"
+        );
+        assert_eq!(t.note(start + Duration::from_secs(30)), None);
+        // A new window: three more within it are named again.
+        for s in [63, 64] {
+            assert_eq!(t.note(start + Duration::from_secs(s)), None);
+        }
+        assert_eq!(t.note(start + Duration::from_secs(65)), Some(3));
     }
 
     #[test]
