@@ -12,19 +12,15 @@ mod support;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use prometheus_parse::{LineInfo, Sample, SampleType, Scrape, Value as PromValue};
 use serde_json::{json, Value};
 use tokengate::standin::{Hub, HubOptions, TokenReply};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use support::process::{self, free_port};
 use support::Tg;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -920,21 +916,9 @@ async fn shutdown_closes_what_is_left_when_the_grace_expires() {
 
 // ---- the built binary: log lines ----
 
-const BIN: &str = env!("CARGO_BIN_EXE_tokengate");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A running binary whose stderr lines (JSON, one event each) arrive on a channel.
+/// The binary with JSON logs, one integration `oms` on a hub, and its scratch directory.
 struct Proc {
-    child: Child,
-    lines: mpsc::UnboundedReceiver<String>,
-    seen: Vec<String>,
+    p: process::Proc,
     admin: u16,
     listen: u16,
     config: std::path::PathBuf,
@@ -971,27 +955,13 @@ client_secret = {{ file = "{}" }}
         )
         .unwrap();
         std::fs::write(dir.path().join("secret"), "canary-log-secret\n").unwrap();
-        let mut child = Command::new(BIN)
+        let mut command = tokio::process::Command::new(process::BIN);
+        command
             .arg("--config")
             .arg(&config)
-            .env("TOKENGATE_LOG", log_filter)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let (tx, lines) = mpsc::unbounded_channel();
-        let stderr = child.stderr.take().unwrap();
-        tokio::spawn(async move {
-            let mut r = BufReader::new(stderr).lines();
-            while let Ok(Some(l)) = r.next_line().await {
-                let _ = tx.send(l);
-            }
-        });
+            .env("TOKENGATE_LOG", log_filter);
         Proc {
-            child,
-            lines,
-            seen: Vec::new(),
+            p: process::Proc::start(command),
             admin,
             listen,
             config,
@@ -1000,46 +970,31 @@ client_secret = {{ file = "{}" }}
     }
 
     fn signal(&self, signal: Signal) {
-        kill(Pid::from_raw(self.child.id().unwrap() as i32), signal).unwrap();
+        self.p.signal(signal);
     }
 
     /// Waits (bounded) for a log event that `pred` accepts; every line must be JSON.
     async fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let line = tokio::time::timeout_at(deadline, self.lines.recv())
-                .await
-                .unwrap_or_else(|_| panic!("no {what}; saw:\n{}", self.seen.join("\n")))
-                .unwrap_or_else(|| panic!("exited before {what}; saw:\n{}", self.seen.join("\n")));
-            self.seen.push(line.clone());
-            let event: Value = serde_json::from_str(&line)
-                .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
-            if pred(&event) {
-                return event;
-            }
-        }
+        let line = self
+            .p
+            .next_matching(what, |line| {
+                let event: Value = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+                pred(&event)
+            })
+            .await;
+        serde_json::from_str(&line).unwrap()
     }
 
     /// SIGTERM, then every remaining line until exit; returns the exit code.
     async fn terminate(&mut self) -> i32 {
         self.signal(Signal::SIGTERM);
-        let code = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
-            .await
-            .unwrap()
-            .unwrap()
-            .code()
-            .unwrap_or(-1);
-        // The reader ends when stderr closes.
-        while let Ok(Some(line)) =
-            tokio::time::timeout(Duration::from_secs(10), self.lines.recv()).await
-        {
-            self.seen.push(line);
-        }
-        code
+        self.p.exit_code().await
     }
 
     fn events(&self) -> Vec<Value> {
-        self.seen
+        self.p
+            .seen
             .iter()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
             .collect()
@@ -1167,7 +1122,7 @@ async fn json_logs_carry_access_fields_and_each_refresh_failure_once() {
     assert_eq!(count("drained: every in-flight request finished"), 1);
     assert_eq!(count("stopped"), 1);
     assert_eq!(events.iter().filter(|e| is_access(e)).count(), 2);
-    let all = p.seen.join("\n");
+    let all = p.p.seen.join("\n");
     assert!(
         !all.contains("canary-log-secret"),
         "a secret reached the log"

@@ -8,6 +8,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod egress_proxy;
+pub mod process;
 
 use std::net::SocketAddr;
 use std::path::Path;
