@@ -55,54 +55,14 @@ if [[ $HARNESS_ONLY != 1 ]]; then
     die "no tokengate binary at $TOKENGATE_BIN (cargo build --release, or set TOKENGATE_BIN)"
 fi
 
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/tokengate-oidc-e2e.XXXXXX")
-PIDS=()
-FAILED=1   # cleared at the very end; until then an exit is a failure and logs are shown
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+source "$HERE/lib/common.sh"
+e2e_setup oidc-e2e
 
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do
-    # Bounded: a process that ignores SIGTERM gets SIGKILL after ~2 s.
-    for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-    kill -KILL "$pid" 2>/dev/null || true
-  done
-  if [[ $FAILED == 1 ]]; then
-    local log
-    for log in "$WORK"/*.log; do
-      [[ -s $log ]] || continue
-      printf '\n----- %s (last 40 lines) -----\n' "$(basename "$log")" >&2
-      tail -n 40 "$log" >&2
-    done
-  fi
-  if [[ ${E2E_KEEP:-0} == 1 ]]; then say "work directory kept: $WORK"; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
-
-# curl to loopback only: never through a proxy from the environment, always time-bounded.
-hcurl() { curl --silent --show-error --noproxy '*' --max-time 3 "$@"; }
 # status code of a GET (000 when nothing answered), body into $1
 http_get() { local out=$1; shift; hcurl -o "$out" -w '%{http_code}' "$@" 2>/dev/null || true; }
 
-# Evaluate a JS expression over a JSON file: `json FILE 'o.issued["x"] ?? 0'`.
-json() {
-  node -e '
-    const o = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));
-    const v = new Function("o", "return (" + process.argv[2] + ");")(o);
-    console.log(typeof v === "object" ? JSON.stringify(v) : String(v));
-  ' "$1" "$2"
-}
 
-# N currently free loopback ports, held open together so they are distinct.
-free_ports() {
-  node -e '
-    const net = require("net");
-    const servers = Array.from({ length: +process.argv[1] }, () => net.createServer());
-    Promise.all(servers.map((s) => new Promise((ok) => s.listen(0, "127.0.0.1", ok))))
-      .then(() => { console.log(servers.map((s) => s.address().port).join(" "));
-                    servers.forEach((s) => s.close()); });
-  ' "$1"
-}
 
 # Wait (bounded) for a server's port file; fail early if the server died.
 wait_port_file() {

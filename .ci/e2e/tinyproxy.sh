@@ -69,52 +69,14 @@ if ! command -v tinyproxy >/dev/null; then
 fi
 TINYPROXY=$(command -v tinyproxy) || die "tinyproxy is not on PATH after installing it"
 
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/tokengate-tinyproxy-e2e.XXXXXX")
-PIDS=()
-FAILED=1   # cleared at the very end; until then an exit is a failure and logs are shown
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+source "$HERE/lib/common.sh"
+e2e_setup tinyproxy-e2e
 
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do
-    # Bounded: a process that ignores SIGTERM gets SIGKILL after ~2 s.
-    for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-    kill -KILL "$pid" 2>/dev/null || true
-  done
-  if [[ $FAILED == 1 ]]; then
-    local log
-    for log in "$WORK"/*.log; do
-      [[ -s $log ]] || continue
-      printf '\n----- %s (last 40 lines) -----\n' "$(basename "$log")" >&2
-      tail -n 40 "$log" >&2
-    done
-  fi
-  if [[ ${E2E_KEEP:-0} == 1 ]]; then say "work directory kept: $WORK"; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
-
-# Direct to loopback, never through a proxy from the environment, always time-bounded.
-hcurl() { curl --silent --show-error --noproxy '*' --max-time 5 "$@"; }
 # Status code of a request (000 when nothing answered), body into $1.
 http_code() { local out=$1; shift; hcurl -o "$out" -w '%{http_code}' "$@" 2>/dev/null || true; }
 
-json() {
-  node -e '
-    const o = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));
-    const v = new Function("o", "return (" + process.argv[2] + ");")(o);
-    console.log(typeof v === "object" ? JSON.stringify(v) : String(v));
-  ' "$1" "$2"
-}
 
-free_ports() {
-  node -e '
-    const net = require("net");
-    const servers = Array.from({ length: +process.argv[1] }, () => net.createServer());
-    Promise.all(servers.map((s) => new Promise((ok) => s.listen(0, "127.0.0.1", ok))))
-      .then(() => { console.log(servers.map((s) => s.address().port).join(" "));
-                    servers.forEach((s) => s.close()); });
-  ' "$1"
-}
 
 wait_file() {  # wait_file FILE PID NAME: until FILE is non-empty, failing early if PID died
   local file=$1 pid=$2 name=$3 i
