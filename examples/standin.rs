@@ -3,9 +3,12 @@
 //!
 //! ```text
 //! cargo run --release --example standin -- --port 0 --lifetime-secs 3600 [--tls-cert C --tls-key K]
+//!     [--revoke-every-secs N]
 //! ```
 //! Prints its base URL (`http://127.0.0.1:PORT` or `https://localhost:PORT`) as the first line
-//! on stdout, then serves until SIGTERM/SIGINT.
+//! on stdout, then serves until SIGTERM/SIGINT. With `--revoke-every-secs`, every token issued
+//! so far is revoked every N seconds (the soak's stand-in for a regenerated Client Secret Key),
+//! each time with a `standin: revoked every token` line on stderr.
 #![allow(clippy::print_stdout)] // the base URL on stdout is this program's interface
 
 use std::path::PathBuf;
@@ -36,6 +39,9 @@ struct Args {
     /// Accept only this client secret (default: any).
     #[arg(long)]
     client_secret: Option<String>,
+    /// Revoke every token issued so far every this many seconds (0: never).
+    #[arg(long, default_value_t = 0)]
+    revoke_every_secs: u64,
 }
 
 #[tokio::main]
@@ -63,6 +69,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     )
     .await?;
     println!("{}", hub.base_url());
+    if args.revoke_every_secs > 0 {
+        let hub = hub.clone();
+        let every = Duration::from_secs(args.revoke_every_secs);
+        // Ends with the runtime when main returns.
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            for n in 1u64.. {
+                tick.tick().await;
+                hub.revoke_all();
+                eprintln!("standin: revoked every token ({n})");
+            }
+        });
+    }
     stop.await;
     hub.shutdown();
     Ok(())

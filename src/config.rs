@@ -122,6 +122,28 @@ pub enum SecretSource {
     File(PathBuf),
 }
 
+/// Secrets are short; a cap keeps a path pointing at `/dev/zero` or a huge file (read again
+/// every 2 s by the refresher) from exhausting memory.
+const MAX_SECRET_FILE: u64 = 64 * 1024;
+
+fn read_secret_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(MAX_SECRET_FILE + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_SECRET_FILE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "larger than {} KiB; this is not a secret",
+                MAX_SECRET_FILE / 1024
+            ),
+        ));
+    }
+    Ok(text)
+}
+
 impl SecretSource {
     /// Reads the secret now (env var or file; trailing `\n`/`\r\n` is trimmed).
     /// `key` is the key path used in the error (`integration[0].client_secret`).
@@ -157,7 +179,7 @@ impl SecretSource {
                     )));
                 }
             },
-            SecretSource::File(path) => match std::fs::read_to_string(path) {
+            SecretSource::File(path) => match read_secret_file(path) {
                 // Editors and `echo` add a final newline; the secret never contains one.
                 Ok(value) => trim_line_end(value),
                 Err(e) => {

@@ -7,10 +7,15 @@
 //!   the current token's prebuilt header, `X-Request-Id` added when absent;
 //! - forward: one pooled hyper-util client per integration (HTTP/1.1 or HTTP/2 by ALPN),
 //!   bodies streamed both ways; a copy of a request body is kept while it streams only when
-//!   it fits in `max_replay_body`;
+//!   it fits in `max_replay_body`; a client body that fails midway is the client's 400, an
+//!   upstream body that fails midway an upstream error;
 //! - replay: a 401 for the token in use asks the refresher for one forced refresh and replays
 //!   the request once with the new token when its whole body was kept;
 //! - record: metrics and one access log line.
+//!
+//! [`serve`] accepts the connections and closes one that brings no request within
+//! `header_read_timeout`; malformed HTTP is hyper's to refuse (400, 431 or a closed
+//! connection) before this service sees it.
 //!
 //! It never talks to the token endpoint; it reads the [`TokenHandle`] and may ask for a
 //! forced refresh.
@@ -18,7 +23,8 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -82,19 +88,64 @@ impl Route {
         })
     }
 
-    fn upstream_uri(&self, target: &PathAndQuery) -> Result<Uri, http::Error> {
-        let base = &self.settings.upstream.base_path;
-        let pq = if base.is_empty() {
-            target.clone()
-        } else {
-            PathAndQuery::try_from(format!("{base}{}", target.as_str()))?
-        };
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()
+    /// The upstream URI for a request target; see [`upstream_uri`].
+    fn upstream_uri(&self, target: &Uri, check_host: bool) -> Result<Uri, ProxyError> {
+        upstream_uri(
+            target,
+            check_host,
+            &self.settings.upstream,
+            &self.scheme,
+            &self.authority,
+        )
     }
+}
+
+/// Turns a request target into the URI sent upstream: an absolute-form target must pass
+/// [`check_absolute_form`] (when `check_host`: HTTP/1 only), only a path (origin-form, or
+/// the path of an absolute-form target) is forwarded, appended to the upstream's base path
+/// and always sent to `scheme://authority`, the upstream's. No I/O, so the fuzz target can
+/// drive it directly.
+pub fn upstream_uri(
+    target: &Uri,
+    check_host: bool,
+    upstream: &Endpoint,
+    scheme: &Scheme,
+    authority: &Authority,
+) -> Result<Uri, ProxyError> {
+    if check_host {
+        check_absolute_form(target, upstream)?;
+    }
+    let Some(target) = target.path_and_query() else {
+        return Err(ProxyError::new(
+            ErrorCode::BadRequest,
+            "the request target has no path",
+        ));
+    };
+    if !target.as_str().starts_with('/') {
+        return Err(ProxyError::new(
+            ErrorCode::BadRequest,
+            "only origin-form (/path) and absolute-form (http://host/path) targets are forwarded",
+        ));
+    }
+    let cannot_build = |e: http::Error| {
+        ProxyError::new(
+            ErrorCode::BadRequest,
+            format!("cannot build the upstream URL: {e}"),
+        )
+    };
+    let base = &upstream.base_path;
+    let pq = if base.is_empty() {
+        target.clone()
+    } else {
+        PathAndQuery::try_from(format!("{base}{}", target.as_str()))
+            .map_err(|e| cannot_build(e.into()))?
+    };
+    Uri::builder()
+        .scheme(scheme.clone())
+        .authority(authority.clone())
+        .path_and_query(pq)
+        .build()
+        .map_err(cannot_build)
 }
 
 fn build_client(settings: &ProxySettings) -> Result<UpstreamClient, TlsError> {
@@ -148,9 +199,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            // Split the bytes, not a `to_str`: one obs-text byte anywhere in the value must
+            // not keep the headers it names (RFC 9110 §7.6.1) from being removed.
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
             .collect();
         for name in named {
             headers.remove(name);
@@ -240,6 +292,13 @@ impl Drop for InFlight {
     }
 }
 
+/// Why the client's request body failed while it streamed upstream (the client went away
+/// mid-body, or sent a malformed chunk), once it has. Shared by the body, the request and its
+/// response: the pooled client then abandons the upstream exchange, and whatever error that
+/// produces (HTTP/1 names the body error, HTTP/2 only a reset stream) is the client's doing,
+/// not the upstream's: a 400, never counted in `tokengate_upstream_errors_total`.
+type ClientBodyFailure = Arc<OnceLock<String>>;
+
 pin_project_lite::pin_project! {
     /// The body of a request sent upstream: the client's body streaming through (with an
     /// optional copy kept for a replay), or a kept copy being replayed.
@@ -251,6 +310,7 @@ pin_project_lite::pin_project! {
             kept: Option<BytesMut>,
             limit: usize,
             done: Option<oneshot::Sender<Bytes>>,
+            failed: ClientBodyFailure,
         },
     }
 }
@@ -278,6 +338,7 @@ impl Body for ReqBody {
                 kept,
                 limit,
                 done,
+                failed,
             } => match inner.as_mut().poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     match frame.data_ref() {
@@ -309,6 +370,7 @@ impl Body for ReqBody {
                 Poll::Ready(Some(Err(e))) => {
                     *kept = None;
                     *done = None;
+                    let _ = failed.set(chain(&e));
                     Poll::Ready(Some(Err(e)))
                 }
                 Poll::Pending => Poll::Pending,
@@ -342,8 +404,37 @@ pin_project_lite::pin_project! {
     }
 }
 
-/// Opaque in-flight guard carried by a streaming response body.
-pub struct InFlightGuard(#[allow(dead_code)] InFlight);
+/// Carried by a streaming response body: counts the request in flight until the body ends,
+/// and reports an upstream failure mid-body, which happens after the access line was written
+/// with the upstream's status and would otherwise be visible only as a truncated body.
+pub struct InFlightGuard {
+    _in_flight: InFlight,
+    name: Arc<str>,
+    metrics: Arc<IntegrationMetrics>,
+    request_id: HeaderValue,
+    /// Set when the client's request body failed: the pooled client then abandons the
+    /// upstream exchange, which fails the response body too, through no fault of the
+    /// upstream's.
+    client_body_failed: ClientBodyFailure,
+}
+
+impl InFlightGuard {
+    fn body_failed(self, e: &hyper::Error) {
+        if self.client_body_failed.get().is_some() {
+            debug!(integration = %self.name, request_id = ?self.request_id, "response abandoned because the client's request body failed");
+            return;
+        }
+        let kind = classify_upstream(e);
+        self.metrics.upstream_error(kind);
+        warn!(
+            integration = %self.name,
+            kind = kind.as_str(),
+            error = %chain(e),
+            request_id = ?self.request_id,
+            "the upstream's response body failed midway; the client got a truncated response"
+        );
+    }
+}
 
 impl From<Bytes> for ResBody {
     fn from(b: Bytes) -> Self {
@@ -363,8 +454,14 @@ impl Body for ResBody {
             ResBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             ResBodyProj::Upstream { inner, guard } => {
                 let polled = inner.poll_frame(cx);
-                if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-                    guard.take();
+                match &polled {
+                    Poll::Ready(None) => drop(guard.take()),
+                    Poll::Ready(Some(Err(e))) => {
+                        if let Some(g) = guard.take() {
+                            g.body_failed(e);
+                        }
+                    }
+                    _ => {}
                 }
                 polled
             }
@@ -428,11 +525,12 @@ impl Gate {
         let access_log = tracing::enabled!(target: "tokengate::access", tracing::Level::INFO);
         let path = access_log.then(|| req.uri().path().to_owned());
         let rid = request_id(req.headers());
+        let client_body_failed = ClientBodyFailure::default();
 
         let Outcome {
             mut response,
             error,
-        } = match self.forward(req, rid.clone()).await {
+        } = match self.forward(req, rid.clone(), &client_body_failed).await {
             Ok(res) => Outcome {
                 response: res,
                 error: None,
@@ -461,7 +559,13 @@ impl Gate {
         response.headers_mut().insert(X_REQUEST_ID, rid.clone());
         let status = response.status();
         if let ResBody::Upstream { guard, .. } = response.body_mut() {
-            *guard = Some(InFlightGuard(in_flight));
+            *guard = Some(InFlightGuard {
+                _in_flight: in_flight,
+                name: self.name.clone(),
+                metrics: self.metrics.clone(),
+                request_id: rid.clone(),
+                client_body_failed,
+            });
         }
         let elapsed = started.elapsed();
         self.metrics.duration.observe(elapsed.as_secs_f64());
@@ -486,6 +590,7 @@ impl Gate {
         &self,
         req: Request<Incoming>,
         rid: HeaderValue,
+        client_body_failed: &ClientBodyFailure,
     ) -> Result<Response<ResBody>, ProxyError> {
         let route = self.route.load_full();
         let settings = &route.settings;
@@ -512,27 +617,7 @@ impl Gate {
         // Only HTTP/1.x has absolute-form. Every HTTP/2 request carries :scheme and
         // :authority (RFC 9113 §8.3.1), the counterpart of Host, which names this listener
         // for a client calling it directly; like Host, it does not choose the upstream.
-        if req.version() < Version::HTTP_2 {
-            check_absolute_form(req.uri(), &settings.upstream)?;
-        }
-        let Some(target) = req.uri().path_and_query().cloned() else {
-            return Err(ProxyError::new(
-                ErrorCode::BadRequest,
-                "the request target has no path",
-            ));
-        };
-        if !target.as_str().starts_with('/') {
-            return Err(ProxyError::new(
-                ErrorCode::BadRequest,
-                "only origin-form (/path) and absolute-form (http://host/path) targets are forwarded",
-            ));
-        }
-        let uri = route.upstream_uri(&target).map_err(|e| {
-            ProxyError::new(
-                ErrorCode::BadRequest,
-                format!("cannot build the upstream URL: {e}"),
-            )
-        })?;
+        let uri = route.upstream_uri(req.uri(), req.version() < Version::HTTP_2)?;
 
         let (parts, body) = req.into_parts();
         let mut headers = parts.headers;
@@ -541,6 +626,17 @@ impl Gate {
         // HTTP/1.1 and as :authority (with no host header) on HTTP/2.
         headers.remove(header::HOST);
         headers.insert(X_REQUEST_ID, rid);
+        // A body of unknown length (chunked from the client): hyper's client sends a GET or
+        // HEAD with such a body as bodiless, silently dropping the body. Saying chunked
+        // explicitly forwards it as received (RFC 9112 §6.1); the client's own
+        // Transfer-Encoding went with the hop-by-hop headers, and hyper removes this one
+        // again for an HTTP/2 upstream.
+        if !body.is_end_stream() && !headers.contains_key(header::CONTENT_LENGTH) {
+            headers.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
 
         let token = match self.token.current() {
             Some(t) => t,
@@ -574,6 +670,7 @@ impl Gate {
                     kept: None,
                     limit: 0,
                     done: None,
+                    failed: client_body_failed.clone(),
                 },
                 KeptBody::TooLarge,
             )
@@ -586,6 +683,7 @@ impl Gate {
                     kept: Some(BytesMut::with_capacity(capacity)),
                     limit: limit as usize,
                     done: Some(tx),
+                    failed: client_body_failed.clone(),
                 },
                 KeptBody::Pending(rx),
             )
@@ -597,9 +695,21 @@ impl Gate {
             headers: headers.clone(),
             body: kept,
         };
-        let res = self
+        let res = match self
             .send(&route, parts.method, uri, headers, body, &token)
-            .await?;
+            .await
+        {
+            Ok(res) => res,
+            Err(e) => {
+                return Err(match client_body_failed.get() {
+                    Some(reason) => ProxyError::new(
+                        ErrorCode::BadRequest,
+                        format!("the request body ended early or was malformed ({reason}); the upstream got an incomplete request, which was abandoned"),
+                    ),
+                    None => e,
+                })
+            }
+        };
         if res.status() != StatusCode::UNAUTHORIZED {
             return Ok(self.respond(res));
         }
@@ -749,7 +859,8 @@ impl Gate {
 
 /// Accepts connections on one integration listener until `shutdown`, then stops accepting and
 /// returns; in-flight connections are tracked by `graceful` for the caller to drain, and
-/// closed when `close` fires (the drain's deadline passed).
+/// closed when `close` fires (the drain's deadline passed). A connection that brings no
+/// request within `header_read_timeout` is closed.
 pub async fn serve(
     listener: TcpListener,
     gate: Arc<Gate>,
@@ -781,7 +892,15 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let gate = gate.clone();
+        // hyper's header_read_timeout covers an HTTP/1 head once the protocol is known, but
+        // neither the first bytes (the auto builder waits for them to tell HTTP/1 from the
+        // HTTP/2 preface) nor HTTP/2: a client that connects and sends nothing, or stalls in
+        // the preface, would hold its connection and task until shutdown. So every connection
+        // must bring its first request within header_read_timeout.
+        let first_request = Arc::new(AtomicBool::new(false));
+        let seen = first_request.clone();
         let svc = hyper::service::service_fn(move |req| {
+            seen.store(true, Ordering::Relaxed);
             let gate = gate.clone();
             async move { Ok::<_, Infallible>(gate.handle(req).await) }
         });
@@ -790,6 +909,12 @@ pub async fn serve(
             .into_owned();
         let conn = graceful.watch(conn);
         let mut close = close.clone();
+        let no_first_request = async move {
+            tokio::time::sleep(header_read_timeout).await;
+            if first_request.load(Ordering::Relaxed) {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::spawn(async move {
             tokio::select! {
                 ended = conn => if let Err(e) = ended {
@@ -797,6 +922,7 @@ pub async fn serve(
                 },
                 // Dropping the connection closes it, a request or body in flight included.
                 _ = close.wait() => debug!(peer = %peer, "client connection closed: shutdown_grace expired"),
+                () = no_first_request => debug!(peer = %peer, "no request within header_read_timeout; connection closed"),
             }
         });
     }

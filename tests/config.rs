@@ -1270,3 +1270,14 @@ fn load_names_an_unreadable_file() {
     );
     assert!(message.contains("--config"), "{message}");
 }
+
+#[test]
+fn a_secret_file_that_is_not_a_secret_is_refused_without_reading_it_all() {
+    let text = "[[integration]]\nname = \"oms\"\nlisten = \"127.0.0.1:8081\"\nregion = \"us2\"\nclient_id = \"a\"\nclient_secret = { file = \"/dev/zero\" }\n";
+    let message = match Config::from_str_with_env(text, Path::new(FILE), &ProxyEnv::default()) {
+        Ok(_) => panic!("/dev/zero accepted as a secret"),
+        Err(e) => e.to_string(),
+    };
+    assert!(message.contains("integration[0].client_secret"), "{message}");
+    assert!(message.contains("larger than 64 KiB"), "{message}");
+}

@@ -277,11 +277,24 @@ impl TokenClient {
             body.extend_from_slice(&chunk);
         }
 
-        if status.is_success() {
-            parse_success(status, &content_type, &body)
-        } else {
-            Err(parse_failure(status, &content_type, &body, retry_after))
-        }
+        parse_response(status, &content_type, &body, retry_after)
+    }
+}
+
+/// Judges one complete token response (RFC 6749 §5.1, §5.2): a success status must carry a
+/// usable Bearer token, any other status becomes the matching [`FetchError`]. No I/O, so the
+/// property tests and the fuzz target can drive it directly; [`TokenClient::fetch`] calls it
+/// with at most [`MAX_RESPONSE_BYTES`] of body.
+pub fn parse_response(
+    status: StatusCode,
+    content_type: &str,
+    body: &[u8],
+    retry_after: Option<Duration>,
+) -> Result<Issued, FetchError> {
+    if status.is_success() {
+        parse_success(status, content_type, body)
+    } else {
+        Err(parse_failure(status, content_type, body, retry_after))
     }
 }
 
@@ -341,18 +354,24 @@ fn shape(content_type: &str, body: &[u8]) -> String {
         let title = text
             .split_once("<title>")
             .and_then(|(_, rest)| rest.split_once("</title>"))
-            .map(|(t, _)| t.trim().chars().take(80).collect::<String>());
+            .map(|(t, _)| printable(t.trim(), 80));
         return match title {
             Some(t) if !t.is_empty() => format!("an HTML page titled \"{t}\""),
             _ => "an HTML page".to_string(),
         };
     }
     let ct = if content_type.is_empty() {
-        "no content-type"
+        "no content-type".to_string()
     } else {
-        content_type
+        printable(content_type, 80)
     };
     format!("{} bytes of non-JSON ({ct})", body.len())
+}
+
+/// At most `max` characters of a server's text, without control characters: it goes into
+/// log lines and `/status`, so a hostile endpoint must not be able to forge or bloat them.
+fn printable(text: &str, max: usize) -> String {
+    text.chars().filter(|c| !c.is_control()).take(max).collect()
 }
 
 /// `error`/`error_description` are the server's own words about our request; they are shown
@@ -465,7 +484,7 @@ fn parse_success(
         Some(Value::String(s)) => Some(s.trim().parse::<f64>().map_err(|_| {
             bad(format!(
                 "expires_in \"{}\" is not a number",
-                s.chars().take(20).collect::<String>()
+                printable(s, 20)
             ))
         })?),
         Some(_) => return Err(bad("expires_in is not a number".into())),
