@@ -1278,6 +1278,9 @@ fn a_secret_file_that_is_not_a_secret_is_refused_without_reading_it_all() {
         Ok(_) => panic!("/dev/zero accepted as a secret"),
         Err(e) => e.to_string(),
     };
-    assert!(message.contains("integration[0].client_secret"), "{message}");
+    assert!(
+        message.contains("integration[0].client_secret"),
+        "{message}"
+    );
     assert!(message.contains("larger than 64 KiB"), "{message}");
 }
