@@ -1,0 +1,158 @@
+# Turns bench/run.sh's raw results (TSV, one line per measurement) into the Markdown tables
+# of bench/RESULTS.md. Plain POSIX awk (Debian's default mawk has no asort).
+#
+# Per cell (upstream × payload × connections × target): medians over rounds. Ratios are
+# taken within a round first (the targets of one cell run back to back), then the median of
+# those ratios is shown: on a shared, noisy machine that cancels most of the drift.
+#
+# Input columns: round upstream payload conns target requests duration_us p50_us p99_us
+# err_connect err_read err_write err_status err_timeout cpu_ticks rss_kib; -v clk=CLK_TCK.
+
+function sort_num(arr, n,    i, j, x) {
+    for (i = 2; i <= n; i++) {
+        x = arr[i]; j = i - 1
+        while (j > 0 && arr[j] + 0 > x + 0) { arr[j + 1] = arr[j]; j-- }
+        arr[j + 1] = x
+    }
+}
+function median(list,    a, n) {
+    n = split(list, a, " ")
+    if (n == 0) return ""
+    sort_num(a, n)
+    return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+}
+function maximum(list,    a, n, i, m) {
+    n = split(list, a, " ")
+    if (n == 0) return ""
+    m = a[1]
+    for (i = 2; i <= n; i++) if (a[i] + 0 > m + 0) m = a[i]
+    return m
+}
+function add(arr, key, value) { arr[key] = (key in arr) ? arr[key] " " value : value }
+function fmt(v, f) { return (v == "") ? "–" : sprintf(f, v) }
+function remember(list_name, value) {
+    if (!((list_name SUBSEP value) in seen)) {
+        seen[list_name SUBSEP value] = 1
+        order[list_name] = (list_name in order) ? order[list_name] " " value : value
+    }
+}
+function payload_name(p) {
+    return (p == "get") ? "small GET (217-byte JSON)" : (p == "post") ? "64 KiB POST" : (p == "big") ? "1 MiB response" : p
+}
+# Ratio of two targets' metric in one round, added to the ratio list of the cell.
+function ratio(r, cell, a, b, metric, name,    ka, kb) {
+    ka = r SUBSEP cell SUBSEP a; kb = r SUBSEP cell SUBSEP b
+    if ((ka in val_ok) && (kb in val_ok) && val[kb, metric] > 0 && val[ka, metric] != "")
+        add(ratios, cell SUBSEP name, val[ka, metric] / val[kb, metric])
+}
+function diff(r, cell, a, b, metric, name,    ka, kb) {
+    ka = r SUBSEP cell SUBSEP a; kb = r SUBSEP cell SUBSEP b
+    if ((ka in val_ok) && (kb in val_ok))
+        add(ratios, cell SUBSEP name, val[ka, metric] - val[kb, metric])
+}
+
+NR == 1 { next }
+{
+    r = $1; up = $2; pl = $3; c = $4; t = $5
+    req = $6; dur = $7
+    rps = (dur > 0) ? req / (dur / 1e6) : 0
+    errs = $10 + $11 + $12 + $13 + $14
+    cpu = ($15 != "" && req > 0) ? $15 / clk * 1e6 / req : ""
+    rss = ($16 != "") ? $16 / 1024 : ""
+    cell = up SUBSEP pl SUBSEP c
+    key = cell SUBSEP t
+    add(L_rps, key, rps); add(L_p50, key, $8 / 1000); add(L_p99, key, $9 / 1000)
+    if (cpu != "") add(L_cpu, key, cpu)
+    if (rss != "") add(L_rss, key, rss)
+    E[key] += errs
+    total_errors += errs
+    rk = r SUBSEP cell SUBSEP t
+    val_ok[rk] = 1
+    val[rk, "rps"] = rps; val[rk, "p50"] = $8; val[rk, "p99"] = $9; val[rk, "cpu"] = cpu
+    rounds[r] = 1
+    remember("up", up); remember("pl", pl); remember("c", c); remember("t", t)
+    has_cell[cell] = 1
+}
+END {
+    nr = 0; for (r in rounds) nr++
+    # Fixed target order; only those present are shown.
+    nt = 0
+    split("direct nginx tokengate nginx-log tokengate-log tg-compare", tcand, " ")
+    for (i = 1; i <= 6; i++) if (("t" SUBSEP tcand[i]) in seen) targets[++nt] = tcand[i]
+    nu = split(order["up"], ups, " ")
+    np = split(order["pl"], pls, " ")
+    nc = split(order["c"], cs, " "); sort_num(cs, nc)
+
+    # Per-round ratios.
+    for (r in rounds) for (cell in has_cell) {
+        ratio(r, cell, "tokengate", "nginx", "rps", "rps_tg_ngx")
+        ratio(r, cell, "tokengate", "direct", "rps", "rps_tg_dir")
+        ratio(r, cell, "nginx", "direct", "rps", "rps_ngx_dir")
+        ratio(r, cell, "tokengate", "nginx", "p99", "p99_tg_ngx")
+        ratio(r, cell, "tokengate", "nginx", "cpu", "cpu_tg_ngx")
+        diff(r, cell, "tokengate", "direct", "p50", "p50add_tg")
+        diff(r, cell, "nginx", "direct", "p50", "p50add_ngx")
+        ratio(r, cell, "tokengate-log", "nginx-log", "rps", "rps_tgl_ngxl")
+        ratio(r, cell, "tokengate-log", "nginx-log", "cpu", "cpu_tgl_ngxl")
+        ratio(r, cell, "tokengate-log", "nginx", "cpu", "cpu_tgl_ngx")
+        ratio(r, cell, "tg-compare", "tokengate", "cpu", "cpu_cmp_tg")
+        ratio(r, cell, "tg-compare", "tokengate", "rps", "rps_cmp_tg")
+    }
+
+    printf "## Results (median of %d round%s)\n\n", nr, (nr == 1 ? "" : "s")
+    print "req/s and latency as wrk saw them; errors = socket errors + responses >= 400, summed over rounds; CPU = the proxy's utime+stime over the measurement divided by the requests served; peak RSS = VmHWM during the measurement (nginx: master + worker)."
+    for (u = 1; u <= nu; u++) for (p = 1; p <= np; p++) {
+        printf "\n### %s upstream, %s\n\n", (ups[u] == "tls" ? "HTTPS" : "plain-HTTP"), payload_name(pls[p])
+        print "| conns | target | req/s | p50 ms | p99 ms | errors | CPU µs/req | peak RSS MiB |"
+        print "|---:|---|---:|---:|---:|---:|---:|---:|"
+        for (ci = 1; ci <= nc; ci++) for (ti = 1; ti <= nt; ti++) {
+            key = ups[u] SUBSEP pls[p] SUBSEP cs[ci] SUBSEP targets[ti]
+            if (!(key in L_rps)) continue
+            printf "| %s | %s | %s | %s | %s | %d | %s | %s |\n", cs[ci], targets[ti],
+                fmt(median(L_rps[key]), "%.0f"), fmt(median(L_p50[key]), "%.3f"),
+                fmt(median(L_p99[key]), "%.3f"), E[key],
+                fmt(median(L_cpu[key]), "%.1f"), fmt(median(L_rss[key]), "%.1f")
+        }
+    }
+
+    print "\n## Ratios (median over rounds of the per-round ratio)\n"
+    print "tg = tokengate, ngx = nginx, dir = direct. Targets: req/s tg/ngx ≥ 1.00, p99 tg/ngx ≤ 1.00, CPU tg/ngx ≤ 1.00. \"p50 added\" is the proxy's p50 minus direct's, in µs."
+    print ""
+    hdr = "| upstream | payload | conns | req/s tg/ngx | req/s tg/dir | req/s ngx/dir | p99 tg/ngx | CPU tg/ngx | p50 added tg | p50 added ngx | req/s tg-log/ngx-log | CPU tg-log/ngx-log | CPU tg-log/ngx |"
+    sep = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    has_cmp = ("t" SUBSEP "tg-compare") in seen
+    if (has_cmp) { hdr = hdr " req/s compare/tg | CPU compare/tg |"; sep = sep "---:|---:|" }
+    print hdr; print sep
+    for (u = 1; u <= nu; u++) for (p = 1; p <= np; p++) for (ci = 1; ci <= nc; ci++) {
+        cell = ups[u] SUBSEP pls[p] SUBSEP cs[ci]
+        if (!(cell in has_cell)) continue
+        line = sprintf("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |", ups[u], pls[p], cs[ci],
+            fmt(median(ratios[cell, "rps_tg_ngx"]), "%.2f"), fmt(median(ratios[cell, "rps_tg_dir"]), "%.2f"),
+            fmt(median(ratios[cell, "rps_ngx_dir"]), "%.2f"),
+            fmt(median(ratios[cell, "p99_tg_ngx"]), "%.2f"), fmt(median(ratios[cell, "cpu_tg_ngx"]), "%.2f"),
+            fmt(median(ratios[cell, "p50add_tg"]), "%.0f"), fmt(median(ratios[cell, "p50add_ngx"]), "%.0f"),
+            fmt(median(ratios[cell, "rps_tgl_ngxl"]), "%.2f"), fmt(median(ratios[cell, "cpu_tgl_ngxl"]), "%.2f"),
+            fmt(median(ratios[cell, "cpu_tgl_ngx"]), "%.2f"))
+        if (has_cmp) line = line sprintf(" %s | %s |", fmt(median(ratios[cell, "rps_cmp_tg"]), "%.2f"), fmt(median(ratios[cell, "cpu_cmp_tg"]), "%.2f"))
+        print line
+    }
+
+    print "\n## Targets\n"
+    misses = 0; checked = 0
+    for (u = 1; u <= nu; u++) for (p = 1; p <= np; p++) for (ci = 1; ci <= nc; ci++) {
+        cell = ups[u] SUBSEP pls[p] SUBSEP cs[ci]
+        if (!(cell in has_cell)) continue
+        name = ups[u] " " pls[p] " c=" cs[ci]
+        v = median(ratios[cell, "rps_tg_ngx"]); if (v != "") { checked++; if (v < 1) miss[++misses] = sprintf("req/s tg/ngx %.2f (%s)", v, name) }
+        v = median(ratios[cell, "p99_tg_ngx"]); if (v != "" && v > 1) miss[++misses] = sprintf("p99 tg/ngx %.2f (%s)", v, name)
+        v = median(ratios[cell, "cpu_tg_ngx"]); if (v != "" && v > 1) miss[++misses] = sprintf("CPU tg/ngx %.2f (%s)", v, name)
+    }
+    rss_key = "plain" SUBSEP "get" SUBSEP "256" SUBSEP "tokengate"
+    rss_tls_key = "tls" SUBSEP "get" SUBSEP "256" SUBSEP "tokengate"
+    printf "- Throughput, p99, CPU per request vs nginx: %d cells compared, %d miss%s", checked, misses, (misses ? "es:\n" : "\n")
+    for (i = 1; i <= misses; i++) printf "  - %s\n", miss[i]
+    printf "- Errors: %d in all measurements (target 0)\n", total_errors
+    if (rss_key in L_rss) printf "- Peak RSS at 256 connections, small GET: %.1f MiB plain, %s MiB HTTPS (max over rounds; target ≤ 16 MiB)\n", maximum(L_rss[rss_key]), fmt(maximum(L_rss[rss_tls_key]), "%.1f")
+    ngx_rss_key = "plain" SUBSEP "get" SUBSEP "256" SUBSEP "nginx"
+    if (ngx_rss_key in L_rss) printf "- nginx's peak RSS in the same cell (master + worker): %.1f MiB\n", maximum(L_rss[ngx_rss_key])
+}
