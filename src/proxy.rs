@@ -193,22 +193,40 @@ const HOP_BY_HOP: [&str; 8] = [
     "proxy-authenticate",
 ];
 
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name.as_str())
+}
+
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Nearly every message has none of them, or only `Connection: keep-alive` (an HTTP/1.1
+    // upstream sends it on every response): look at the names the message has rather than
+    // look up each name it might have.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
+        // The values are reference-counted, so copying them out is cheap and frees `headers`
+        // for removal; removing by `&str` lowercases on the stack instead of allocating a
+        // `HeaderName` per listed option. Split the bytes, not a `to_str`: one obs-text byte
+        // anywhere in the value must not keep the headers it names (RFC 9110 §7.6.1) from
+        // being removed (a name itself is ASCII, so a piece that is not UTF-8 names nothing).
+        let listed: Vec<HeaderValue> = headers
             .get_all(header::CONNECTION)
             .iter()
-            // Split the bytes, not a `to_str`: one obs-text byte anywhere in the value must
-            // not keep the headers it names (RFC 9110 §7.6.1) from being removed.
-            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
+            .cloned()
             .collect();
-        for name in named {
-            headers.remove(name);
+        for value in &listed {
+            for name in value.as_bytes().split(|b| *b == b',') {
+                if let Ok(name) = std::str::from_utf8(name.trim_ascii()) {
+                    if !name.is_empty() {
+                        headers.remove(name);
+                    }
+                }
+            }
         }
     }
-    for name in HOP_BY_HOP {
+    while let Some(name) = headers.keys().find(|n| is_hop_by_hop(n)).cloned() {
         headers.remove(name);
     }
 }
@@ -258,7 +276,7 @@ pub fn check_absolute_form(uri: &Uri, upstream: &Endpoint) -> Result<(), ProxyEr
 }
 
 fn request_id(headers: &HeaderMap) -> HeaderValue {
-    match headers.get("x-request-id") {
+    match headers.get(X_REQUEST_ID) {
         Some(v) if !v.is_empty() && v.len() <= 200 => v.clone(),
         _ => {
             const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -275,6 +293,7 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
 }
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
 
 /// Counts a request in flight until its response body ends (or is dropped).
 struct InFlight(prometheus::IntGauge);
@@ -530,7 +549,10 @@ impl Gate {
         let Outcome {
             mut response,
             error,
-        } = match self.forward(req, rid.clone(), &client_body_failed).await {
+        } = match self
+            .forward(req, rid.clone(), &client_body_failed, started)
+            .await
+        {
             Ok(res) => Outcome {
                 response: res,
                 error: None,
@@ -591,6 +613,7 @@ impl Gate {
         req: Request<Incoming>,
         rid: HeaderValue,
         client_body_failed: &ClientBodyFailure,
+        started: Instant,
     ) -> Result<Response<ResBody>, ProxyError> {
         let route = self.route.load_full();
         let settings = &route.settings;
@@ -638,7 +661,7 @@ impl Gate {
             );
         }
 
-        let token = match self.token.current() {
+        let token = match self.token.current_at(started) {
             Some(t) => t,
             None => self
                 .token
@@ -774,7 +797,7 @@ impl Gate {
         strip_hop_by_hop(&mut parts.headers);
         if let Some(remaining) = parts
             .headers
-            .get("ratelimit-remaining")
+            .get(RATELIMIT_REMAINING)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<i64>().ok())
         {
@@ -962,9 +985,35 @@ mod tests {
         h.insert("te", HeaderValue::from_static("trailers"));
         h.insert("upgrade", HeaderValue::from_static("websocket"));
         h.insert("x-kept", HeaderValue::from_static("1"));
+        // A second Connection line, mixed case and an option that is no valid name.
+        h.append(
+            "connection",
+            HeaderValue::from_static("X-Other-Hop , bad name"),
+        );
+        h.insert("x-other-hop", HeaderValue::from_static("1"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        // An obs-text byte in one listed option does not shield the others.
+        h.append(
+            "connection",
+            HeaderValue::from_bytes(b"x-hop-a, caf\xe9, x-hop-b").unwrap(),
+        );
+        h.insert("x-hop-a", HeaderValue::from_static("1"));
+        h.insert("x-hop-b", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn end_to_end_headers_stay() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        h.insert("x-request-id", HeaderValue::from_static("abc"));
+        h.append("x-request-id", HeaderValue::from_static("def"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
     }
 
     #[test]

@@ -161,10 +161,16 @@ impl TokenHandle {
         (Arc::new(handle), force_rx)
     }
 
-    /// The token to use now, if one is valid. The hot path.
+    /// The token to use now, if one is valid.
     pub fn current(&self) -> Option<Arc<Token>> {
+        self.current_at(Instant::now())
+    }
+
+    /// The token to use at `now`, if one is valid: the hot path, given the clock reading the
+    /// proxy already took when the request arrived (one arc-swap load, no lock).
+    pub fn current_at(&self, now: Instant) -> Option<Arc<Token>> {
         let token = self.current.load_full()?;
-        token.is_valid_at(Instant::now()).then_some(token)
+        token.is_valid_at(now).then_some(token)
     }
 
     /// The token held, valid or not (for status and metrics).
