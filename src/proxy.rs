@@ -57,6 +57,15 @@ pub type UpstreamClient = Client<HttpsConnector<Connector>, ReqBody>;
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(90);
 
+/// The most an HTTP/1 connection buffers in each direction, on both sides of the proxy, and
+/// so also the largest request or response head (a larger one is a 431 to the client, a 502
+/// from the upstream). hyper's default (~400 KiB) let a 1 MiB response to a client that reads
+/// slower than the upstream sends hold ~900 KiB per connection (read buffers plus the queued
+/// write): 213–235 MiB at 256 connections in bench/run.sh; 256 KiB halves that at the same
+/// CPU per request, while 64 or 128 KiB cost 1.6–2.9× the CPU per 1 MiB response (smaller
+/// reads, more wake-ups; bench/NOTES.md).
+const MAX_BUF: usize = 256 * 1024;
+
 /// The live, reloadable part of an integration's proxy: settings and the client built for them.
 pub struct Route {
     pub settings: ProxySettings,
@@ -160,6 +169,7 @@ fn build_client(settings: &ProxySettings) -> Result<UpstreamClient, TlsError> {
         .enable_http2()
         .wrap_connector(connector);
     Ok(Client::builder(TokioExecutor::new())
+        .http1_max_buf_size(MAX_BUF)
         .pool_idle_timeout(POOL_IDLE)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
@@ -897,7 +907,8 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout)
-        .keep_alive(true);
+        .keep_alive(true)
+        .max_buf_size(MAX_BUF);
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
     loop {

@@ -661,6 +661,41 @@ async fn control_characters_in_headers_are_refused_and_bare_lf_ends_a_line() {
     tg.stop().await;
 }
 
+/// The head limit is tokengate's per-connection buffer bound (256 KiB), not hyper's ~400 KB
+/// default: a head just under it is forwarded whole, one just over it is a 431.
+#[tokio::test]
+async fn request_heads_up_to_256_kib_pass_larger_get_431() {
+    let hub = support::hub().await;
+    let tg = start(&hub, "").await;
+    let head = |n: usize| {
+        format!(
+            "GET /v2/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(n)
+        )
+    };
+    let (bytes, _) = exchange(
+        tg.proxy,
+        head(250 * 1024).as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(status_of(&bytes), Some(200));
+    let forwarded = hub.api_requests();
+    assert_eq!(forwarded.len(), 1);
+    assert_eq!(forwarded[0].headers["x-big"].len(), 250 * 1024);
+
+    let (bytes, ending) = exchange(
+        tg.proxy,
+        head(300 * 1024).as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(status_of(&bytes), Some(431));
+    assert_eq!(ending, Ending::Closed);
+    assert_eq!(hub.api_request_count(), 1);
+    tg.stop().await;
+}
+
 #[tokio::test]
 async fn oversized_header_blocks_get_431() {
     let hub = support::hub().await;
