@@ -37,7 +37,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::{json, Value};
 use support::{client, raw_bytes, sample, start, start_toml, start_with, wait_sample, RawResponse};
-use tokengate::standin::{Hub, HubOptions, TokenReply};
+use tokengate::standin::{ApiReply, Hub, HubOptions, TokenReply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -693,6 +693,31 @@ async fn request_heads_up_to_256_kib_pass_larger_get_431() {
     assert_eq!(status_of(&bytes), Some(431));
     assert_eq!(ending, Ending::Closed);
     assert_eq!(hub.api_request_count(), 1);
+    tg.stop().await;
+}
+
+/// The same bound on the upstream side: a response head under 256 KiB comes back whole, a
+/// larger one is tokengate's 502, not a buffer grown without limit.
+#[tokio::test]
+async fn upstream_response_heads_over_256_kib_are_a_502() {
+    let hub = support::hub().await;
+    let tg = start(&hub, "").await;
+    let reply = |n: usize| ApiReply {
+        status: 200,
+        headers: vec![("x-big".to_owned(), "b".repeat(n))],
+        body: Bytes::from_static(b"{}"),
+        skip_auth: false,
+    };
+    hub.push_api_reply(reply(200 * 1024));
+    let res = client().get(tg.url("/v2/x")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-big"].len(), 200 * 1024);
+
+    hub.push_api_reply(reply(300 * 1024));
+    let res = client().get(tg.url("/v2/x")).send().await.unwrap();
+    assert_eq!(res.status(), 502);
+    assert_eq!(res.headers()["x-tokengate-error"], "upstream_unreachable");
+    assert_still_serving(&tg, &hub).await;
     tg.stop().await;
 }
 

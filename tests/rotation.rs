@@ -241,7 +241,7 @@ async fn revocation_thrash_between_two_tokengates_is_bounded_and_visible() {
     b.stop().await;
 }
 
-/// ≥ 30 s of concurrent GET and POST traffic with 3 s tokens and a revocation every 7 s:
+/// ≥ 30 s of concurrent GET and POST traffic with 3 s tokens and a revocation every ~7 s:
 /// no replayable call may fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_with_short_tokens_and_repeated_revocation_loses_no_call() {
@@ -285,9 +285,20 @@ async fn soak_with_short_tokens_and_repeated_revocation_loses_no_call() {
             (ok, failed)
         }));
     }
+    // Each revocation hits a token past half its lifetime: one revoked younger counts as an
+    // early revocation, and two of those within the doubled forced-refresh interval are the
+    // thrash case (its own test above), where refusing a third fetch is the design. Timed
+    // from the hub's issue of the token in use (the next scheduled refresh comes ≥ 2.28 s
+    // after it), not from the test's start: under a loaded machine the refresh schedule
+    // drifts, and a fixed 7 s beat then sometimes landed on fresh tokens.
     let mut revocations = 0;
     while Instant::now() + Duration::from_secs(7) < deadline {
-        tokio::time::sleep(Duration::from_secs(7)).await;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let issued = hub.issued_tokens().len();
+        while hub.issued_tokens().len() == issued {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1900)).await;
         hub.revoke_all();
         revocations += 1;
     }
