@@ -42,31 +42,12 @@ done
 say() { printf '[soak] %s\n' "$*"; }
 die() { printf '[soak] FAIL: %s\n' "$*" >&2; echo "soak: 0 passed, 1 failed"; exit 1; }
 
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/tokengate-soak.XXXXXX")
-PIDS=()
-FAILED=1   # cleared at the very end; until then an exit is a failure and logs are shown
+# The scratch directory, process cleanup and counted checks of the end-to-end scripts.
+E2E_KEEP=${SOAK_KEEP:-0}
+# shellcheck source-path=SCRIPTDIR source=../.ci/e2e/lib/common.sh
+source "$REPO_ROOT/.ci/e2e/lib/common.sh"
+e2e_setup soak
 
-cleanup() {
-  local pid log
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do
-    # Bounded: a process that ignores SIGTERM gets SIGKILL after ~2 s.
-    for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-    kill -KILL "$pid" 2>/dev/null || true
-  done
-  if [[ $FAILED == 1 ]]; then
-    for log in "$WORK"/*.log; do
-      [[ -s $log ]] || continue
-      printf '\n----- %s (last 30 lines) -----\n' "$(basename "$log")" >&2
-      tail -n 30 "$log" >&2
-    done
-  fi
-  if [[ ${SOAK_KEEP:-0} == 1 ]]; then say "work directory kept: $WORK"; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
-
-# curl to loopback only: never through a proxy from the environment, always time-bounded.
-hcurl() { curl --silent --show-error --noproxy '*' --max-time 5 "$@"; }
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 # Sum of the samples of one metric whose labels contain every given label pair.
 metric() {
@@ -92,12 +73,6 @@ wait_log() {
   return 1
 }
 
-PASSED=0; FAILURES=()
-check() {  # check "description" <command...>
-  local what=$1; shift
-  if "$@"; then PASSED=$((PASSED + 1)); say "ok    $what"
-  else FAILURES+=("$what"); say "FAIL  $what"; fi
-}
 
 # --- 1. Build ------------------------------------------------------------------------------
 cd "$REPO_ROOT"
@@ -235,12 +210,4 @@ rss_flat() { ((RSS_START > 0 && RSS_END * 100 <= RSS_START * (100 + RSS_GROWTH_M
 check "RSS flat: end $RSS_END KiB within ${RSS_GROWTH_MAX}% of start $RSS_START KiB (growth ${GROWTH}%)" rss_flat
 check "tokengate exited 0 after SIGTERM (exit: $TG_RC)" test "$TG_RC" = 0
 
-if ((${#FAILURES[@]})); then
-  say "FAIL: ${#FAILURES[@]} check(s) failed:"
-  printf '[soak]   - %s\n' "${FAILURES[@]}"
-  echo "soak: $PASSED passed, ${#FAILURES[@]} failed"
-  exit 1
-fi
-FAILED=0
-say "PASS"
-echo "soak: $PASSED passed, 0 failed"
+e2e_finish

@@ -75,13 +75,6 @@ wait_port_file() {
   die "$name did not start listening within 10 s"
 }
 
-# --- Checks are counted, and reported together at the end ------------------------------
-PASSED=0; FAILURES=()
-check() {  # check "description" <command...>
-  local what=$1; shift
-  if "$@"; then PASSED=$((PASSED + 1)); say "ok    $what"
-  else FAILURES+=("$what"); say "FAIL  $what"; fi
-}
 between() { (($1 >= $2 && $1 <= $3)); }
 
 # --- 1. Node dependencies ------------------------------------------------------------------
@@ -312,12 +305,4 @@ check "tokengate exited 0 after SIGTERM (exit: $TG_RC)" test "$TG_RC" = 0
 
 echo
 say "oidc-provider $(node -p 'require("./node_modules/oidc-provider/package.json").version'), token ttl ${TTL}s, refresh_at $REFRESH_AT, $CALLS calls per integration"
-if ((${#FAILURES[@]})); then
-  say "FAIL: ${#FAILURES[@]} check(s) failed:"
-  printf '[oidc-e2e]   - %s\n' "${FAILURES[@]}"
-  echo "oidc-e2e: $PASSED passed, ${#FAILURES[@]} failed"
-  exit 1
-fi
-FAILED=0
-say "PASS"
-echo "oidc-e2e: $PASSED passed, 0 failed"
+e2e_finish

@@ -106,12 +106,6 @@ mark() { stat -c %s "$TP_LOG"; }
 since() { tail -c "+$(($1 + 1))" "$TP_LOG"; }
 count_since() { since "$1" | grep -acF -- "$2" || true; }   # count_since MARK LITERAL
 
-PASSED=0; FAILURES=()
-check() {  # check "description" <command...>
-  local what=$1; shift
-  if "$@"; then PASSED=$((PASSED + 1)); say "ok    $what"
-  else FAILURES+=("$what"); say "FAIL  $what"; fi
-}
 
 # --- 1. A CA and a certificate for localhost -------------------------------------------------
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
@@ -356,12 +350,4 @@ if kill -0 "$TG_PID" 2>/dev/null; then TG_RC="still running after ${STOP_WAIT}s"
 check "tokengate exited 0 after SIGTERM (exit: $TG_RC)" test "$TG_RC" = 0
 
 echo
-if ((${#FAILURES[@]})); then
-  say "FAIL: ${#FAILURES[@]} check(s) failed:"
-  printf '[tinyproxy-e2e]   - %s\n' "${FAILURES[@]}"
-  echo "tinyproxy-e2e: $PASSED passed, ${#FAILURES[@]} failed"
-  exit 1
-fi
-FAILED=0
-say "PASS"
-echo "tinyproxy-e2e: $PASSED passed, 0 failed"
+e2e_finish

@@ -1,14 +1,40 @@
-# Shared by the end-to-end scripts (sourced, not run): a scratch directory, cleanup of every
-# process a script starts, and small loopback helpers. The sourcing script defines `say`.
+# Shared by the end-to-end scripts and bench/soak.sh (sourced, not run): a scratch directory,
+# cleanup of every process a script starts, counted checks with one summary line, and small
+# loopback helpers. The sourcing script defines `say`.
 # shellcheck shell=bash
 
-# Creates $WORK and arms the cleanup. Scripts append the PIDs they start to PIDS and set
-# FAILED=0 at the very end; until then an exit counts as a failure and the logs are shown.
+# Creates $WORK and arms the cleanup. Scripts append the PIDs they start to PIDS; until
+# e2e_finish passes, an exit counts as a failure and the logs are shown. E2E_KEEP=1 keeps
+# $WORK.
 e2e_setup() {
+  E2E_NAME=$1
   WORK=$(mktemp -d "${TMPDIR:-/tmp}/tokengate-$1.XXXXXX")
   PIDS=()
   FAILED=1
+  PASSED=0
+  FAILURES=()
   trap e2e_cleanup EXIT
+}
+
+# check "description" <command...>: counted, and reported together by e2e_finish.
+check() {
+  local what=$1; shift
+  if "$@"; then PASSED=$((PASSED + 1)); say "ok    $what"
+  else FAILURES+=("$what"); say "FAIL  $what"; fi
+}
+
+# The summary; its last line `NAME: N passed, M failed` is what CI reads. Exits 1 on a
+# failed check, and otherwise disarms the failure report of the cleanup.
+e2e_finish() {
+  if ((${#FAILURES[@]})); then
+    say "FAIL: ${#FAILURES[@]} check(s) failed:"
+    printf '[%s]   - %s\n' "$E2E_NAME" "${FAILURES[@]}"
+    echo "$E2E_NAME: $PASSED passed, ${#FAILURES[@]} failed"
+    exit 1
+  fi
+  FAILED=0
+  say "PASS"
+  echo "$E2E_NAME: $PASSED passed, 0 failed"
 }
 
 e2e_cleanup() {
