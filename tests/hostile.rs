@@ -36,7 +36,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::{json, Value};
-use support::{client, raw_bytes, sample, start, start_toml, start_with, wait_sample, RawResponse};
+use support::{
+    client, raw_bytes, sample, start, start_toml, start_with, token_issue, token_raw, wait_sample,
+    RawResponse,
+};
 use tokengate::standin::{ApiReply, Hub, HubOptions, TokenReply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -1300,15 +1303,7 @@ async fn token_fault_gate(extra: &str) -> (Hub, support::Tg) {
 }
 
 async fn status(tg: &support::Tg) -> Value {
-    let v: Value = client()
-        .get(tg.admin_url("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["integrations"][0].clone()
+    tg.status().await["integrations"][0].clone()
 }
 
 /// Scripts `fault` for the first scheduled refresh (after a first good token), then checks
@@ -1390,28 +1385,16 @@ async fn token_fault(fault: Vec<TokenReply>, kind: &str, extra: &str) -> String 
     last_error
 }
 
-fn raw(status: u16, content_type: &str, body: impl Into<Bytes>) -> TokenReply {
-    TokenReply::Raw {
-        status,
-        content_type: Some(content_type.to_owned()),
-        headers: Vec::new(),
-        body: body.into(),
-    }
-}
-
-fn issue(expires_in: Option<Value>, token_type: Option<Value>) -> TokenReply {
-    TokenReply::Issue {
-        expires_in,
-        token_type,
-        created_at: None,
-    }
-}
-
 #[tokio::test]
 async fn token_endpoint_html_page_keeps_the_current_token() {
     let page =
         "<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>";
-    let err = token_fault(vec![raw(200, "text/html", page)], "bad_response", "").await;
+    let err = token_fault(
+        vec![token_raw(200, Some("text/html"), page)],
+        "bad_response",
+        "",
+    )
+    .await;
     assert!(
         err.contains("HTML page titled \"502 bad gateway\""),
         "{err}"
@@ -1420,14 +1403,19 @@ async fn token_endpoint_html_page_keeps_the_current_token() {
 
 #[tokio::test]
 async fn token_endpoint_empty_200_keeps_the_current_token() {
-    let err = token_fault(vec![raw(200, "application/json", "")], "bad_response", "").await;
+    let err = token_fault(
+        vec![token_raw(200, Some("application/json"), "")],
+        "bad_response",
+        "",
+    )
+    .await;
     assert!(err.contains("an empty body"), "{err}");
 }
 
 #[tokio::test]
 async fn token_endpoint_expires_in_zero_keeps_the_current_token() {
     let err = token_fault(
-        vec![issue(Some(json!(0)), Some(json!("Bearer")))],
+        vec![token_issue(Some(json!(0)), Some(json!("Bearer")))],
         "bad_response",
         "",
     )
@@ -1438,7 +1426,7 @@ async fn token_endpoint_expires_in_zero_keeps_the_current_token() {
 #[tokio::test]
 async fn token_endpoint_negative_expires_in_keeps_the_current_token() {
     let err = token_fault(
-        vec![issue(Some(json!(-3600)), Some(json!("Bearer")))],
+        vec![token_issue(Some(json!(-3600)), Some(json!("Bearer")))],
         "bad_response",
         "",
     )
@@ -1449,7 +1437,7 @@ async fn token_endpoint_negative_expires_in_keeps_the_current_token() {
 #[tokio::test]
 async fn token_endpoint_string_expires_in_keeps_the_current_token() {
     let err = token_fault(
-        vec![issue(Some(json!("soon")), Some(json!("Bearer")))],
+        vec![token_issue(Some(json!("soon")), Some(json!("Bearer")))],
         "bad_response",
         "",
     )
@@ -1460,7 +1448,7 @@ async fn token_endpoint_string_expires_in_keeps_the_current_token() {
 #[tokio::test]
 async fn token_endpoint_mac_token_type_keeps_the_current_token() {
     let err = token_fault(
-        vec![issue(Some(json!(3600)), Some(json!("mac")))],
+        vec![token_issue(Some(json!(3600)), Some(json!("mac")))],
         "bad_response",
         "",
     )
@@ -1473,7 +1461,12 @@ async fn token_endpoint_10_mib_body_is_cut_at_64_kib() {
     let mut body = b"{\"access_token\":\"".to_vec();
     body.resize(10 * 1024 * 1024, b'a');
     body.extend_from_slice(b"\"}");
-    let err = token_fault(vec![raw(200, "application/json", body)], "bad_response", "").await;
+    let err = token_fault(
+        vec![token_raw(200, Some("application/json"), body)],
+        "bad_response",
+        "",
+    )
+    .await;
     // Read no further than 64 KiB: the 10 MiB never sits in memory.
     assert!(err.contains("larger than 64 KiB"), "{err}");
 }
@@ -1491,7 +1484,7 @@ async fn token_endpoint_that_never_answers_times_out() {
 async fn token_endpoint_huge_expires_in_is_capped_at_a_day() {
     let (hub, tg) = token_fault_gate("").await;
     let first = hub.issued_tokens()[0].clone();
-    hub.push_token_reply(issue(
+    hub.push_token_reply(token_issue(
         Some(json!(999_999_999_999u64)),
         Some(json!("bearer")),
     ));

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde_json::{json, Value};
+use support::{token_issue, token_raw};
 use tokengate::config::ProxyEnv;
 use tokengate::config::{Config, TokenSettings};
 use tokengate::standin::{Hub, HubOptions, TokenReply};
@@ -70,23 +71,6 @@ async fn scripted(reply: TokenReply, extra: &str) -> (Hub, TokenSettings) {
     hub.push_token_reply(reply);
     let s = settings(&hub.token_url(), "oms", CANARY, extra);
     (hub, s)
-}
-
-fn raw(status: u16, content_type: Option<&str>, body: impl Into<Bytes>) -> TokenReply {
-    TokenReply::Raw {
-        status,
-        content_type: content_type.map(str::to_owned),
-        headers: Vec::new(),
-        body: body.into(),
-    }
-}
-
-fn issue(expires_in: Option<Value>, token_type: Option<Value>) -> TokenReply {
-    TokenReply::Issue {
-        expires_in,
-        token_type,
-        created_at: None,
-    }
 }
 
 fn unix_now() -> i64 {
@@ -215,19 +199,22 @@ async fn doorkeeper_and_rfc_shapes_parse() {
     assert!((-3605..=-3595).contains(&skew), "{skew}");
 
     // RFC 6749 servers: expires_in as a numeric string, token_type in any case.
-    hub.push_token_reply(issue(Some(json!("120")), Some(json!("bearer"))));
+    hub.push_token_reply(token_issue(Some(json!("120")), Some(json!("bearer"))));
     let issued = fetch(&s).await.unwrap();
     assert_eq!(issued.expires_in, Some(Duration::from_secs(120)));
     assert_eq!(issued.clock_skew, None);
 
     // The bare minimum: access_token only.
-    hub.push_token_reply(issue(None, None));
+    hub.push_token_reply(token_issue(None, None));
     let issued = fetch(&s).await.unwrap();
     assert_eq!(issued.expires_in, None);
     assert_eq!(issued.access_token.expose(), hub.issued_tokens()[3]);
 
     // More than 24 h is capped.
-    hub.push_token_reply(issue(Some(json!(10 * 24 * 3600)), Some(json!("BEARER"))));
+    hub.push_token_reply(token_issue(
+        Some(json!(10 * 24 * 3600)),
+        Some(json!("BEARER")),
+    ));
     let issued = fetch(&s).await.unwrap();
     assert_eq!(issued.expires_in, Some(Duration::from_secs(24 * 3600)));
     assert!(issued.capped);
@@ -267,7 +254,7 @@ async fn invalid_client_says_to_check_the_client_secret() {
 #[tokio::test]
 async fn html_404_is_rejected_and_points_at_region_or_token_url() {
     let (_hub, s) = scripted(
-        raw(
+        token_raw(
             404,
             Some("text/html"),
             "<html><head><title>404 Not Found</title></head></html>",
@@ -288,13 +275,13 @@ async fn unusable_success_responses_are_bad_response() {
     let cases: Vec<(&str, TokenReply, &str)> = vec![
         (
             "HTML 200",
-            raw(200, Some("text/html"), "<html><title>Login</title></html>"),
+            token_raw(200, Some("text/html"), "<html><title>Login</title></html>"),
             "HTML page",
         ),
-        ("empty 200", raw(200, None, ""), "empty body"),
+        ("empty 200", token_raw(200, None, ""), "empty body"),
         (
             "non-JSON",
-            raw(200, Some("text/plain"), "access_token=abc"),
+            token_raw(200, Some("text/plain"), "access_token=abc"),
             "non-JSON",
         ),
         (
@@ -304,22 +291,22 @@ async fn unusable_success_responses_are_bad_response() {
         ),
         (
             "expires_in 0",
-            issue(Some(json!(0)), Some(json!("Bearer"))),
+            token_issue(Some(json!(0)), Some(json!("Bearer"))),
             "expires_in",
         ),
         (
             "expires_in negative",
-            issue(Some(json!(-5)), Some(json!("Bearer"))),
+            token_issue(Some(json!(-5)), Some(json!("Bearer"))),
             "expires_in",
         ),
         (
             "expires_in \"soon\"",
-            issue(Some(json!("soon")), Some(json!("Bearer"))),
+            token_issue(Some(json!("soon")), Some(json!("Bearer"))),
             "expires_in",
         ),
         (
             "token_type mac",
-            issue(Some(json!(60)), Some(json!("mac"))),
+            token_issue(Some(json!(60)), Some(json!("mac"))),
             "token_type",
         ),
     ];
@@ -345,17 +332,17 @@ async fn body_is_read_up_to_64_kib() {
     let s = settings(&hub.token_url(), "oms", CANARY, "");
     let mut body = br#"{"access_token":"padded-token","expires_in":60}"#.to_vec();
     body.resize(64 * 1024, b' ');
-    hub.push_token_reply(raw(200, Some("application/json"), body.clone()));
+    hub.push_token_reply(token_raw(200, Some("application/json"), body.clone()));
     let issued = fetch(&s).await.unwrap();
     assert_eq!(issued.access_token.expose(), "padded-token");
 
     // One byte more is not a token endpoint.
     body.push(b' ');
-    hub.push_token_reply(raw(200, Some("application/json"), body));
+    hub.push_token_reply(token_raw(200, Some("application/json"), body));
     expect_error(&s, "bad_response", &["64 KiB"]).await;
 
     // Also for an error status: the body is not read to its end.
-    hub.push_token_reply(raw(500, Some("text/html"), vec![b'x'; 200 * 1024]));
+    hub.push_token_reply(token_raw(500, Some("text/html"), vec![b'x'; 200 * 1024]));
     expect_error(&s, "bad_response", &["64 KiB"]).await;
 }
 

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use tokengate::config::{Config, ProxyEnv};
-use tokengate::standin::{Hub, HubOptions};
+use tokengate::standin::{Hub, HubOptions, TokenReply};
 use tokengate::{Listeners, Running};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -487,4 +487,30 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
             .all(|(k, v)| label_part.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
         all.then(|| value.trim().parse().ok()).flatten()
     })
+}
+
+/// A scripted token-endpoint reply with this status, content type and body, as is.
+pub fn token_raw(
+    status: u16,
+    content_type: Option<&str>,
+    body: impl Into<bytes::Bytes>,
+) -> TokenReply {
+    TokenReply::Raw {
+        status,
+        content_type: content_type.map(str::to_owned),
+        headers: Vec::new(),
+        body: body.into(),
+    }
+}
+
+/// A token the hub issues, with these `expires_in` and `token_type` fields (absent: `None`).
+pub fn token_issue(
+    expires_in: Option<serde_json::Value>,
+    token_type: Option<serde_json::Value>,
+) -> TokenReply {
+    TokenReply::Issue {
+        expires_in,
+        token_type,
+        created_at: None,
+    }
 }
