@@ -7,7 +7,7 @@
 #![allow(clippy::print_stdout)] // the demo talks to the person who ran it
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
@@ -36,11 +36,9 @@ pub enum DemoError {
 }
 
 /// Binds the preferred port on loopback, or any free one when it is taken.
-async fn bind(preferred: u16) -> std::io::Result<TcpListener> {
-    match TcpListener::bind(("127.0.0.1", preferred)).await {
-        Ok(l) => Ok(l),
-        Err(_) => TcpListener::bind(("127.0.0.1", 0)).await,
-    }
+fn bind(preferred: u16) -> std::io::Result<TcpListener> {
+    let loopback = |port| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    crate::listen(loopback(preferred)).or_else(|_| crate::listen(loopback(0)))
 }
 
 /// The embedded configuration with the bound addresses filled in.
@@ -68,8 +66,8 @@ pub async fn run(shutdown: impl Future<Output = &'static str>) -> Result<(), Dem
         },
     )
     .await?;
-    let proxy = bind(PROXY_PORT).await?;
-    let admin = bind(ADMIN_PORT).await?;
+    let proxy = bind(PROXY_PORT)?;
+    let admin = bind(ADMIN_PORT)?;
     let (proxy_addr, admin_addr) = (proxy.local_addr()?, admin.local_addr()?);
     let config = config(admin_addr, proxy_addr, &hub.base_url())?;
     let grace = config.server.shutdown_grace;

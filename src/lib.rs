@@ -89,22 +89,46 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
 }
 
+/// The accept-queue length asked of the kernel, which clamps it to `net.core.somaxconn`
+/// (4096 by default since Linux 5.4).
+///
+/// tokio's `TcpListener::bind` asks for 128, as std does. A legacy system that opens more
+/// connections than that at once while tokengate is busy overflows the queue; Linux then
+/// drops the handshake's last packet and the client's first request waits for TCP's
+/// retransmissions, 1 s, then 3 s, then 7 s (`bench/RESULTS.md`: p99 of 2.4 s and requests
+/// over 5 s at 256 connections, with `ListenOverflows` counted by the kernel).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `addr` for accepting with [`LISTEN_BACKLOG`]. `SO_REUSEADDR` is set, as tokio does,
+/// so a restart does not wait for the previous process's connections in `TIME_WAIT`. Must
+/// be called inside the tokio runtime.
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 impl Listeners {
     /// Binds every address of `config`; the error names the key.
     pub async fn bind(config: &Config) -> Result<Listeners, StartError> {
-        let bind = |key: String, addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind { key, addr, source })
+        let bind = |key: String, addr: SocketAddr| {
+            listen(addr).map_err(|source| StartError::Bind { key, addr, source })
         };
         let admin = bind(
             "server.admin_listen".to_string(),
             config.server.admin_listen,
-        )
-        .await?;
+        )?;
         let mut integrations = Vec::new();
         for (i, integration) in config.integrations.iter().enumerate() {
-            integrations.push(bind(format!("integration[{i}].listen"), integration.listen).await?);
+            integrations.push(bind(
+                format!("integration[{i}].listen"),
+                integration.listen,
+            )?);
         }
         Ok(Listeners {
             admin,

@@ -187,7 +187,8 @@ pub async fn prepare(toml: &str) -> Prepared {
 
 /// [`prepare`] with the given proxy environment.
 pub async fn prepare_with_env(toml: &str, env: &ProxyEnv) -> Prepared {
-    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let any = "127.0.0.1:0".parse().unwrap();
+    let admin = tokengate::listen(any).unwrap();
     let mut text = toml.replace("{admin}", &admin.local_addr().unwrap().to_string());
     let mut integrations = Vec::new();
     for i in 0.. {
@@ -195,7 +196,7 @@ pub async fn prepare_with_env(toml: &str, env: &ProxyEnv) -> Prepared {
         if !text.contains(&key) {
             break;
         }
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let l = tokengate::listen(any).unwrap();
         text = text.replace(&key, &l.local_addr().unwrap().to_string());
         integrations.push(l);
     }
