@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use http::Uri;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -130,10 +130,61 @@ impl std::fmt::Debug for Connector {
     }
 }
 
+/// An upstream connection as the pool sees it. hyper-util's `Connection` for a plain TCP
+/// stream attaches the peer and local addresses (`HttpInfo`) to every response it carries,
+/// three allocations per request that nothing in tokengate reads.
+pub struct UpstreamIo(TokioIo<TcpStream>);
+
+impl Connection for UpstreamIo {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for UpstreamIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for UpstreamIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+}
+
 impl Service<Uri> for Connector {
-    type Response = TokioIo<TcpStream>;
+    type Response = UpstreamIo;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<TokioIo<TcpStream>, BoxError>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<UpstreamIo, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         match self {
@@ -146,11 +197,11 @@ impl Service<Uri> for Connector {
         match self {
             Connector::Direct(http) => {
                 let connecting = http.call(dst);
-                Box::pin(async move { connecting.await.map_err(Into::into) })
+                Box::pin(async move { Ok(UpstreamIo(connecting.await?)) })
             }
             Connector::Tunnel(tunnel) => {
                 let tunnel = tunnel.clone();
-                Box::pin(async move { tunnel.open(&dst).await.map_err(Into::into) })
+                Box::pin(async move { Ok(UpstreamIo(tunnel.open(&dst).await?)) })
             }
         }
     }

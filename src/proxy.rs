@@ -221,23 +221,37 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         // `HeaderName` per listed option. Split the bytes, not a `to_str`: one obs-text byte
         // anywhere in the value must not keep the headers it names (RFC 9110 §7.6.1) from
         // being removed (a name itself is ASCII, so a piece that is not UTF-8 names nothing).
-        let listed: Vec<HeaderValue> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .cloned()
-            .collect();
-        for value in &listed {
-            for name in value.as_bytes().split(|b| *b == b',') {
-                if let Ok(name) = std::str::from_utf8(name.trim_ascii()) {
-                    if !name.is_empty() {
-                        headers.remove(name);
-                    }
-                }
+        let mut lines = headers.get_all(header::CONNECTION).iter();
+        let first = lines.next().cloned();
+        if lines.next().is_none() {
+            // One Connection line (`keep-alive` from every HTTP/1.1 upstream): no list to keep.
+            if let Some(value) = first {
+                remove_listed(headers, &value);
+            }
+        } else {
+            let listed: Vec<HeaderValue> = headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .cloned()
+                .collect();
+            for value in &listed {
+                remove_listed(headers, value);
             }
         }
     }
     while let Some(name) = headers.keys().find(|n| is_hop_by_hop(n)).cloned() {
         headers.remove(name);
+    }
+}
+
+/// Removes the headers one `Connection` value names.
+fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue) {
+    for name in connection.as_bytes().split(|b| *b == b',') {
+        if let Ok(name) = std::str::from_utf8(name.trim_ascii()) {
+            if !name.is_empty() {
+                headers.remove(name);
+            }
+        }
     }
 }
 
@@ -296,8 +310,11 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
                 *b = HEX[(n & 0xf) as usize];
                 n >>= 4;
             }
-            // Hex digits are always a valid header value.
-            HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("-"))
+            // Owned, the bytes are shared from the start: the id's three copies (upstream
+            // request, response, access line) cost no allocation of their own. Hex digits are
+            // always a valid header value.
+            HeaderValue::from_maybe_shared(Bytes::from_owner(buf))
+                .unwrap_or(HeaderValue::from_static("-"))
         }
     }
 }
@@ -443,13 +460,17 @@ pub struct InFlightGuard {
     request_id: HeaderValue,
     /// Set when the client's request body failed: the pooled client then abandons the
     /// upstream exchange, which fails the response body too, through no fault of the
-    /// upstream's.
-    client_body_failed: ClientBodyFailure,
+    /// upstream's. None for a request without a body.
+    client_body_failed: Option<ClientBodyFailure>,
 }
 
 impl InFlightGuard {
     fn body_failed(self, e: &hyper::Error) {
-        if self.client_body_failed.get().is_some() {
+        if self
+            .client_body_failed
+            .as_ref()
+            .is_some_and(|f| f.get().is_some())
+        {
             debug!(integration = %self.name, request_id = ?self.request_id, "response abandoned because the client's request body failed");
             return;
         }
@@ -554,13 +575,14 @@ impl Gate {
         let access_log = tracing::enabled!(target: "tokengate::access", tracing::Level::INFO);
         let path = access_log.then(|| req.uri().path().to_owned());
         let rid = request_id(req.headers());
-        let client_body_failed = ClientBodyFailure::default();
+        // Made only for a request with a body: most have none.
+        let mut client_body_failed: Option<ClientBodyFailure> = None;
 
         let Outcome {
             mut response,
             error,
         } = match self
-            .forward(req, rid.clone(), &client_body_failed, started)
+            .forward(req, rid.clone(), &mut client_body_failed, started)
             .await
         {
             Ok(res) => Outcome {
@@ -622,7 +644,7 @@ impl Gate {
         &self,
         req: Request<Incoming>,
         rid: HeaderValue,
-        client_body_failed: &ClientBodyFailure,
+        client_body_failed: &mut Option<ClientBodyFailure>,
         started: Instant,
     ) -> Result<Response<ResBody>, ProxyError> {
         let route = self.route.load_full();
@@ -703,7 +725,7 @@ impl Gate {
                     kept: None,
                     limit: 0,
                     done: None,
-                    failed: client_body_failed.clone(),
+                    failed: client_body_failed.get_or_insert_default().clone(),
                 },
                 KeptBody::TooLarge,
             )
@@ -716,7 +738,7 @@ impl Gate {
                     kept: Some(BytesMut::with_capacity(capacity)),
                     limit: limit as usize,
                     done: Some(tx),
-                    failed: client_body_failed.clone(),
+                    failed: client_body_failed.get_or_insert_default().clone(),
                 },
                 KeptBody::Pending(rx),
             )
@@ -734,7 +756,7 @@ impl Gate {
         {
             Ok(res) => res,
             Err(e) => {
-                return Err(match client_body_failed.get() {
+                return Err(match client_body_failed.as_ref().and_then(|f| f.get()) {
                     Some(reason) => ProxyError::new(
                         ErrorCode::BadRequest,
                         format!("the request body ended early or was malformed ({reason}); the upstream got an incomplete request, which was abandoned"),
@@ -943,14 +965,22 @@ pub async fn serve(
             .into_owned();
         let conn = graceful.watch(conn);
         let mut close = close.clone();
-        let no_first_request = async move {
-            tokio::time::sleep(header_read_timeout).await;
+        let mut first_deadline = Some(Box::pin(tokio::time::sleep(header_read_timeout)));
+        let no_first_request = std::future::poll_fn(move |cx| {
+            // Once a request came, hyper's header_read_timeout guards every later head: the
+            // timer goes, rather than being polled on each wake-up of the connection.
             if first_request.load(Ordering::Relaxed) {
-                std::future::pending::<()>().await;
+                first_deadline = None;
             }
-        };
+            match first_deadline.as_mut() {
+                Some(deadline) => std::future::Future::poll(deadline.as_mut(), cx),
+                None => Poll::Pending,
+            }
+        });
         tokio::spawn(async move {
             tokio::select! {
+                // The connection first: it is what wakes this task nearly every time.
+                biased;
                 ended = conn => if let Err(e) = ended {
                     debug!(peer = %peer, error = %e, "client connection ended with an error");
                 },
