@@ -695,9 +695,7 @@ impl Gate {
 
         let token = match self.token.current_at(started) {
             Some(t) => t,
-            None => self
-                .token
-                .wait_for_token(settings.connect_timeout)
+            None => Box::pin(self.token.wait_for_token(settings.connect_timeout))
                 .await
                 .map_err(|u| {
                     let mut e = ProxyError::new(
@@ -768,7 +766,9 @@ impl Gate {
         if res.status() != StatusCode::UNAUTHORIZED {
             return Ok(self.respond(res));
         }
-        self.unauthorized(&route, res, copy, token).await
+        // Boxed: the replay's state would otherwise be part of every request's future, which
+        // hyper moves into place per request.
+        Box::pin(self.unauthorized(&route, res, copy, token)).await
     }
 
     async fn send(
