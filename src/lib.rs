@@ -382,3 +382,30 @@ pub async fn run(
     running.shutdown(grace).await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An IPv6 listen address needs an IPv6 socket (an IPv4 one cannot bind it), and port 0
+    /// still asks for any free port.
+    #[tokio::test]
+    async fn listen_binds_ipv4_and_ipv6_loopback() {
+        for addr in ["127.0.0.1:0", "[::1]:0"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            // Some containers have no IPv6 loopback: then std cannot bind it either.
+            if let Err(e) = std::net::TcpListener::bind(addr) {
+                eprintln!("skipped {addr}: {e}");
+                continue;
+            }
+            let listener = listen(addr).unwrap();
+            let bound = listener.local_addr().unwrap();
+            assert_eq!(bound.ip(), addr.ip());
+            assert_ne!(bound.port(), 0);
+            let (accepted, connected) =
+                tokio::join!(listener.accept(), tokio::net::TcpStream::connect(bound));
+            accepted.unwrap();
+            connected.unwrap();
+        }
+    }
+}
