@@ -95,8 +95,8 @@ pub enum StartError {
 /// tokio's `TcpListener::bind` asks for 128, as std does. A legacy system that opens more
 /// connections than that at once while tokengate is busy overflows the queue; Linux then
 /// drops the handshake's last packet and the client's first request waits for TCP's
-/// retransmissions, 1 s, then 3 s, then 7 s (`bench/NOTES.md`, session 3: p99 of 2.7 s and requests
-/// over 5 s at 256 connections, with `ListenOverflows` counted by the kernel).
+/// retransmissions, 1 s, then 3 s, then 7 s (`bench/NOTES.md`, session 3: p99 of 2.7 s and
+/// requests over 5 s at 256 connections, with `ListenOverflows` counted by the kernel).
 pub const LISTEN_BACKLOG: u32 = 4096;
 
 /// Binds `addr` for accepting with [`LISTEN_BACKLOG`]. `SO_REUSEADDR` is set, as tokio does,
