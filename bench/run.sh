@@ -252,6 +252,14 @@ peak_rss_kib() {
     echo "$total"
 }
 
+# The kernel's count of connections dropped because a listen queue was full (TcpExt
+# ListenOverflows, machine-wide). A rise during a measurement means some clients waited for
+# TCP's 1 s / 3 s / 7 s retransmissions: latency that is the listener's backlog, not the
+# proxy's work.
+listen_overflows() {
+    awk '/^TcpExt:/ { if (!seen) { for (i = 2; i <= NF; i++) if ($i == "ListenOverflows") col = i; seen = 1 } else if (col) print $col }' /proc/net/netstat
+}
+
 # Resets VmHWM to the current RSS (Linux >= 4.0; root or the process owner), so each
 # measurement reports its own peak. Returns 1 when the kernel refuses.
 reset_peak() {
@@ -598,6 +606,7 @@ sanity_check() {
 RESULTS=$W/results.tsv
 printf 'round\tupstream\tpayload\tconns\ttarget\trequests\tduration_us\tp50_us\tp99_us\terr_connect\terr_read\terr_write\terr_status\terr_timeout\tcpu_ticks\trss_kib\n' >"$RESULTS"
 HWM_RESET=1
+OVERFLOWS=()
 
 # Runs wrk (pinned to LOAD_CPU) against one target and appends a line to RESULTS.
 measure() {
@@ -609,6 +618,8 @@ measure() {
     fi
     read -r -a pids <<<"$(target_pids "$target")"
     local -a wrk_cmd=(taskset -c "$LOAD_CPU" wrk -t1 -c"$conns" --timeout 5s --latency -s "$ROOT/bench/wrk.lua")
+    local overflows0
+    overflows0=$(listen_overflows)
     # Warm-up: connections opened, pools filled, caches warm; not counted.
     if ((WARMUP > 0)); then
         BENCH_BODY_FILE=$body "${wrk_cmd[@]}" -d"${WARMUP}s" "$url" >/dev/null
@@ -646,6 +657,11 @@ measure() {
         cpu_note=" cpu=$((ticks * 1000000 / (CLK_TCK * requests)))us/req rss=$((rss / 1024))MiB"
     fi
     log "r$round $kind $payload c=$conns $target: $rps req/s p50=${p50}us p99=${p99}us errors=$((econn + eread + ewrite + estatus + etimeout))$cpu_note"
+    local overflows=$(($(listen_overflows) - ${overflows0:-0}))
+    if ((overflows > 0)); then
+        OVERFLOWS+=("r$round $kind $payload c=$conns $target: $overflows")
+        log "warning: $overflows connections dropped by a full listen queue (TcpExtListenOverflows) during this measurement"
+    fi
 }
 
 # Idle CPU: ticks and context switches of each proxy over one IDLE_SECS window with no
@@ -773,6 +789,12 @@ start_report=$(printf '%s\n' "${START_SAMPLES[@]}" | awk '
     fi
     echo
     awk -F'\t' -v clk="$CLK_TCK" -f "$ROOT/bench/report.awk" "$RESULTS"
+    if ((${#OVERFLOWS[@]})); then
+        echo "- Connections dropped by a full listen queue (kernel \`TcpExtListenOverflows\`, warm-up included; clients wait 1 s, 3 s, 7 s for TCP to retry):"
+        printf '  - %s\n' "${OVERFLOWS[@]}"
+    else
+        echo "- Connections dropped by a full listen queue (kernel \`TcpExtListenOverflows\`, warm-up included): none"
+    fi
     echo
     echo "## Start to ready"
     echo
