@@ -221,37 +221,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         // `HeaderName` per listed option. Split the bytes, not a `to_str`: one obs-text byte
         // anywhere in the value must not keep the headers it names (RFC 9110 §7.6.1) from
         // being removed (a name itself is ASCII, so a piece that is not UTF-8 names nothing).
+        // The first line is copied on its own: with one `Connection` line (`keep-alive` on
+        // every HTTP/1.1 upstream response) the rest is empty, which allocates nothing.
         let mut lines = headers.get_all(header::CONNECTION).iter();
         let first = lines.next().cloned();
-        if lines.next().is_none() {
-            // One Connection line (`keep-alive` from every HTTP/1.1 upstream): no list to keep.
-            if let Some(value) = first {
-                remove_listed(headers, &value);
-            }
-        } else {
-            let listed: Vec<HeaderValue> = headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .cloned()
-                .collect();
-            for value in &listed {
-                remove_listed(headers, value);
+        let rest: Vec<HeaderValue> = lines.cloned().collect();
+        for value in first.iter().chain(&rest) {
+            for name in value.as_bytes().split(|b| *b == b',') {
+                if let Ok(name) = std::str::from_utf8(name.trim_ascii()) {
+                    if !name.is_empty() {
+                        headers.remove(name);
+                    }
+                }
             }
         }
     }
     while let Some(name) = headers.keys().find(|n| is_hop_by_hop(n)).cloned() {
         headers.remove(name);
-    }
-}
-
-/// Removes the headers one `Connection` value names.
-fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue) {
-    for name in connection.as_bytes().split(|b| *b == b',') {
-        if let Ok(name) = std::str::from_utf8(name.trim_ascii()) {
-            if !name.is_empty() {
-                headers.remove(name);
-            }
-        }
     }
 }
 
