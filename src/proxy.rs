@@ -54,6 +54,11 @@ use crate::token::{ForceOutcome, Token, TokenHandle};
 
 pub type UpstreamClient = Client<HttpsConnector<Connector>, ReqBody>;
 
+/// How often one request is replayed after 401s: once for the refused token, once more when
+/// the replay's own new token was revoked before it arrived. A bound, so an upstream that
+/// refuses every token (missing permissions) costs a call at most two forced refreshes.
+const MAX_REPLAYS: u32 = 2;
+
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(90);
 
@@ -830,71 +835,81 @@ impl Gate {
         )
     }
 
-    /// A 401 for `token`: one forced refresh (shared with concurrent 401s) and one replay.
+    /// A 401 for `token`: a token newer than the refused one (the current one, or one forced
+    /// refresh shared with every concurrent 401, waiting for the 5 s floor if need be) and a
+    /// replay with it. A replay refused in turn, because its new token was revoked before it
+    /// arrived (revocations in quick succession), is treated the same way once more.
     async fn unauthorized(
         &self,
         route: &Route,
-        res: Response<Incoming>,
+        mut res: Response<Incoming>,
         copy: ReplayCopy,
-        token: Arc<Token>,
+        mut token: Arc<Token>,
     ) -> Result<Response<ResBody>, ProxyError> {
-        let early = token.obtained_at.elapsed() < token.lifetime / 2;
-        if early {
-            self.metrics.early_revocations.inc();
-        }
+        let early = |t: &Token| t.obtained_at.elapsed() < t.lifetime / 2;
         let Some(body) = copy.body.take() else {
+            if early(&token) {
+                self.metrics.early_revocations.inc();
+            }
             self.metrics.replay(Replay::NotReplayable);
             info!(integration = %self.name, "upstream answered 401 and the request body was not kept (larger than max_replay_body or not fully sent); passing the 401 on, the next request gets a new token");
-            let handle = self.token.clone();
-            let generation = token.generation;
-            let wait = route.settings.request_timeout;
-            tokio::spawn(async move {
-                handle.force_refresh(generation, early, wait).await;
-            });
+            self.token.refused(token.generation, early(&token));
             return Ok(self.respond(res));
         };
-        match self
-            .token
-            .force_refresh(token.generation, early, route.settings.request_timeout)
-            .await
-        {
-            ForceOutcome::Replaced(new) => {
-                drop(res);
-                let replayed = self
-                    .send(
-                        route,
-                        copy.method,
-                        copy.uri,
-                        copy.headers,
-                        ReqBody::Full {
-                            data: (!body.is_empty()).then_some(body),
-                        },
-                        &new,
-                    )
-                    .await;
-                match replayed {
-                    Ok(res) if res.status() == StatusCode::UNAUTHORIZED => {
+        let body = (!body.is_empty()).then_some(body);
+        for replay in 1..=MAX_REPLAYS {
+            let revoked_early = early(&token);
+            if revoked_early {
+                self.metrics.early_revocations.inc();
+            }
+            let deadline = Instant::now() + route.settings.request_timeout;
+            let new = match self
+                .token
+                .force_refresh(token.generation, revoked_early, deadline)
+                .await
+            {
+                ForceOutcome::Replaced(new) => new,
+                ForceOutcome::NotRefreshed(reason) => {
+                    self.metrics.replay(Replay::Failure);
+                    warn!(integration = %self.name, reason = %reason, "upstream answered 401 and no new token could be obtained; passing the 401 on");
+                    return Ok(self.respond(res));
+                }
+            };
+            drop(res);
+            let replayed = self
+                .send(
+                    route,
+                    copy.method.clone(),
+                    copy.uri.clone(),
+                    copy.headers.clone(),
+                    ReqBody::Full { data: body.clone() },
+                    &new,
+                )
+                .await;
+            match replayed {
+                Ok(r) if r.status() == StatusCode::UNAUTHORIZED => {
+                    if replay == MAX_REPLAYS {
                         self.metrics.replay(Replay::Failure);
-                        warn!(integration = %self.name, "upstream refused the new token too (401); check the integration's permissions in Delivery Hub");
-                        Ok(self.respond(res))
+                        warn!(integration = %self.name, "upstream refused the new tokens too (401); check the integration's permissions in Delivery Hub");
+                        return Ok(self.respond(r));
                     }
-                    Ok(res) => {
-                        self.metrics.replay(Replay::Success);
-                        debug!(integration = %self.name, "request replayed with a new token after 401");
-                        Ok(self.respond(res))
-                    }
-                    Err(e) => {
-                        self.metrics.replay(Replay::Failure);
-                        Err(e)
-                    }
+                    debug!(integration = %self.name, "the replayed request was refused too (401); its token was revoked in the meantime");
+                    res = r;
+                    token = new;
+                }
+                Ok(r) => {
+                    self.metrics.replay(Replay::Success);
+                    debug!(integration = %self.name, replays = replay, "request replayed with a new token after 401");
+                    return Ok(self.respond(r));
+                }
+                Err(e) => {
+                    self.metrics.replay(Replay::Failure);
+                    return Err(e);
                 }
             }
-            ForceOutcome::NotRefreshed(reason) => {
-                self.metrics.replay(Replay::Failure);
-                warn!(integration = %self.name, reason = %reason, "upstream answered 401 and no new token could be obtained; passing the 401 on");
-                Ok(self.respond(res))
-            }
         }
+        // The loop returns on its last round.
+        Ok(self.respond(res))
     }
 }
 

@@ -479,12 +479,8 @@ async fn a_body_larger_than_max_replay_body_gets_the_401_and_the_next_request_a_
     );
 }
 
-#[tokio::test]
-async fn a_new_token_refused_too_is_passed_on_and_not_refetched_within_5_s() {
-    let hub = support::hub().await;
-    let tg = support::start(&hub, "").await;
-    let client = support::client();
-    let refused = || ApiReply {
+fn refused() -> ApiReply {
+    ApiReply {
         status: 401,
         headers: vec![(
             "www-authenticate".into(),
@@ -492,40 +488,133 @@ async fn a_new_token_refused_too_is_passed_on_and_not_refetched_within_5_s() {
         )],
         body: Bytes::from_static(br#"{"error":"invalid_token"}"#),
         skip_auth: true,
-    };
+    }
+}
 
-    // The old token and the new one are both refused.
-    hub.push_api_reply(refused());
-    hub.push_api_reply(refused());
+/// An upstream that refuses every token (an app without the permission): the call is
+/// replayed with a new token, refused again, replayed once more with the next forced token
+/// (5 s later: the floor holds), then the 401 goes back. Forced fetches never come faster.
+#[tokio::test]
+async fn tokens_refused_again_and_again_are_passed_on_after_two_replays_5_s_apart() {
+    let hub = support::hub().await;
+    let tg = support::start(&hub, "").await;
+    let client = support::client();
+
+    for _ in 0..3 {
+        hub.push_api_reply(refused());
+    }
+    let started = Instant::now();
     let res = get(&client, &tg).await;
     assert_eq!(res.status(), 401);
     assert!(!res.headers().contains_key("x-tokengate-error"));
-    assert_eq!(hub.token_request_count(), 2);
+    assert_eq!(hub.token_request_count(), 3);
+    // The second forced fetch waited for the floor after the first, which came after the
+    // request started: whatever the machine's speed, the call took at least 5 s.
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     let tokens = upstream_tokens(&hub);
-    assert_eq!(tokens, hub.issued_tokens(), "the replay used the new token");
+    assert_eq!(tokens, hub.issued_tokens(), "each send used the next token");
     let replays = "tokengate_unauthorized_replays_total";
     assert_eq!(tg.metric(replays, &[("result", "failure")]).await, 1.0);
     assert_eq!(tg.metric(replays, &[("result", "success")]).await, 0.0);
-
-    // Another 401 right after: no second forced token request within 5 s.
-    hub.push_api_reply(refused());
-    let res = get(&client, &tg).await;
-    assert_eq!(res.status(), 401);
-    assert_eq!(hub.token_request_count(), 2);
-    assert_eq!(tg.metric(replays, &[("result", "failure")]).await, 2.0);
     assert_eq!(
         tg.metric(
             "tokengate_token_refreshes_total",
             &refreshes("unauthorized", "success")
         )
         .await,
-        1.0
+        2.0
     );
 
-    // The new token itself is fine.
+    // The newest token itself is fine.
     let res = get(&client, &tg).await;
     assert_eq!(res.status(), 200);
-    assert_eq!(upstream_tokens(&hub).last(), Some(&hub.issued_tokens()[1]));
+    assert_eq!(upstream_tokens(&hub).last(), Some(&hub.issued_tokens()[2]));
+}
+
+/// A second revocation one second after the first, inside the 5 s floor: the call it hits
+/// waits for the next permitted forced refresh and is replayed, it does not fail.
+#[tokio::test]
+async fn a_401_inside_the_floor_waits_for_the_next_forced_refresh_and_is_replayed() {
+    let hub = support::hub().await;
+    let tg = support::start(&hub, "").await;
+    let client = support::client();
+
+    hub.revoke_all();
+    let first = Instant::now();
+    let res = client
+        .post(tg.url("/v2/orders"))
+        .body("order-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(hub.token_request_count(), 2);
+
+    sleep(Duration::from_secs(1)).await;
+    hub.revoke_all();
+    let res = client
+        .post(tg.url("/v2/orders"))
+        .body("order-2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "{:?}", res.text().await);
+    assert_eq!(
+        hub.token_request_count(),
+        3,
+        "one forced fetch per revocation"
+    );
+    assert!(first.elapsed() >= Duration::from_secs(5), "the floor held");
+    let last = hub.api_requests().pop().unwrap();
+    assert_eq!(last.token.as_ref(), Some(&hub.issued_tokens()[2]));
+    assert_eq!(&last.body[..], b"order-2", "replayed with its body");
+    assert_eq!(
+        tg.metric(
+            "tokengate_unauthorized_replays_total",
+            &[("result", "success")]
+        )
+        .await,
+        2.0
+    );
+    assert_eq!(
+        tg.metric(
+            "tokengate_unauthorized_replays_total",
+            &[("result", "failure")]
+        )
+        .await,
+        0.0
+    );
+}
+
+/// A 401 waits for the floor only while it fits in request_timeout: with a 2 s timeout, a
+/// revocation 1 s after a forced refresh cannot be served (the next one is 4 s away) and the
+/// 401 goes back at once, naming why in the log; the refusal still gets a new token later.
+#[tokio::test]
+async fn a_401_whose_request_timeout_ends_before_the_floor_gets_the_401() {
+    let hub = support::hub().await;
+    let tg = support::start(&hub, r#"request_timeout = "2s""#).await;
+    let client = support::client();
+
+    hub.revoke_all();
+    assert_eq!(get(&client, &tg).await.status(), 200);
+    hub.revoke_all();
+    let res = get(&client, &tg).await;
+    assert_eq!(res.status(), 401);
+    assert_eq!(
+        tg.metric(
+            "tokengate_unauthorized_replays_total",
+            &[("result", "failure")]
+        )
+        .await,
+        1.0
+    );
+    // The refused token is still replaced once the floor ends, for the calls that follow.
+    wait_token_requests(&hub, 3).await;
+    assert_eq!(get(&client, &tg).await.status(), 200);
 }
 
 #[tokio::test]

@@ -113,6 +113,10 @@ pub(crate) struct ForceRequest {
     pub generation: u64,
     /// The refused token was younger than half its lifetime: the thrash signal.
     pub early: bool,
+    /// The requester stops waiting then; a fetch that cannot start before it is no help.
+    pub deadline: Instant,
+    /// Closed when nobody waits (a request whose body was not kept): the refusal still makes
+    /// the refresher fetch a new token for the requests that follow.
     pub reply: oneshot::Sender<ForceOutcome>,
 }
 
@@ -230,13 +234,15 @@ impl TokenHandle {
         })
     }
 
-    /// Asks for one forced refresh because the upstream refused the token of `generation`.
-    /// Single-flight and rate-limited by the refresher; waits at most `wait` for the outcome.
+    /// Asks for a token newer than the one of `generation`, which the upstream refused
+    /// (401), and waits for it until `deadline`. The refresher fetches one at once, or, within
+    /// 5 s of its last forced fetch, when that floor ends, one fetch for every 401 in between;
+    /// a token already replaced is answered without a fetch.
     pub async fn force_refresh(
         &self,
         generation: u64,
         early: bool,
-        wait: Duration,
+        deadline: Instant,
     ) -> ForceOutcome {
         if let Some(token) = self.current() {
             if token.generation > generation {
@@ -244,26 +250,35 @@ impl TokenHandle {
             }
         }
         let (reply, rx) = oneshot::channel();
-        if self
-            .force
-            .send(ForceRequest {
-                generation,
-                early,
-                reply,
-            })
-            .await
-            .is_err()
-        {
+        let request = ForceRequest {
+            generation,
+            early,
+            deadline,
+            reply,
+        };
+        if self.force.send(request).await.is_err() {
             return ForceOutcome::NotRefreshed("tokengate is shutting down".into());
         }
-        match tokio::time::timeout(wait, rx).await {
+        match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(_)) => ForceOutcome::NotRefreshed("tokengate is shutting down".into()),
-            Err(_) => ForceOutcome::NotRefreshed(format!(
-                "no new token within {}",
-                humantime::format_duration(wait)
-            )),
+            Err(_) => ForceOutcome::NotRefreshed(
+                "no new token before this request's request_timeout".into(),
+            ),
         }
+    }
+
+    /// Reports that the upstream refused the token of `generation` without waiting for a
+    /// new one (the request cannot be replayed): the requests that follow get a new token.
+    pub fn refused(&self, generation: u64, early: bool) {
+        let (reply, _) = oneshot::channel();
+        // A full queue already holds refusals that will cause the same fetch.
+        let _ = self.force.try_send(ForceRequest {
+            generation,
+            early,
+            deadline: Instant::now(),
+            reply,
+        });
     }
 }
 

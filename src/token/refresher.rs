@@ -1,12 +1,18 @@
 //! The background task that keeps one integration's token fresh: fetch at start, refresh once
 //! `refresh_at` of the lifetime has passed (±5 % jitter), retry failures with exponential
 //! backoff and full jitter (1 s doubling to 60 s, or the server's `Retry-After` if longer),
-//! keep the current token in use until it expires, and serve forced refreshes after a 401
-//! (single-flight, at most one per 5 s).
+//! keep the current token in use until it expires, and serve forced refreshes after a 401.
+//!
+//! Forced refreshes are single-flight and at most one per [`FORCE_INTERVAL`]; that floor is
+//! fixed. A 401 that arrives while it is in force waits for the next permitted fetch (one
+//! fetch for all of them) instead of failing: a revoked token must not cost the legacy system
+//! a call, whatever the token's age. Tokens revoked again and again soon after issue
+//! (revocation thrash) are named in the log and `/status`, never punished with a longer wait.
 //!
 //! Like linkerd's identity client: the old credential stays until a new one is in hand. The
 //! task only decides *when*; [`super::client`] does the exchange and the proxy only reads the
-//! [`TokenHandle`].
+//! [`TokenHandle`]. The task is a [`Driver`] (the state, one handler per event) and a loop
+//! that waits for the next [`Event`] and dispatches it.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -27,40 +33,86 @@ use crate::telemetry::{IntegrationMetrics, Trigger};
 pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
 /// Cap of the exponential backoff.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
-/// At most one forced (401-triggered) refresh per this interval; a revoked key would otherwise
-/// turn every request into a token request.
+/// At most one forced (401-triggered) refresh per this interval, fixed: a revoked key would
+/// otherwise turn every request into a token request, and nothing lengthens it, because a
+/// longer floor only makes revoked calls wait or fail.
 pub const FORCE_INTERVAL: Duration = Duration::from_secs(5);
-/// Forced refreshes for tokens revoked soon after issue back off up to this.
-pub const MAX_FORCE_INTERVAL: Duration = Duration::from_secs(300);
 /// The thrash error is logged at most this often.
 const THRASH_LOG_INTERVAL: Duration = Duration::from_secs(60);
-/// Early revocations within one log interval that make it thrash rather than bad luck.
+/// Tokens revoked early within one log interval that make it thrash rather than bad luck.
 const THRASH_THRESHOLD: u32 = 3;
 
-/// Counts early revocations (401s for tokens younger than half their lifetime) so that a
-/// ping-pong between two holders of one app is named once a minute, not once per request.
+/// What the thrash error and the `/status` warning say.
+fn thrash_message(count: u32) -> String {
+    format!(
+        "tokens keep being revoked soon after they are issued ({count} within a minute): most likely several tokengate replicas or other systems share this Delivery Hub app and the server revokes the previous token on each new issue. Give them one token through fleet mode ([fleet] with a shared Redis), or give each replica its own app. Calls are still replayed, but each revocation makes some wait for a new token"
+    )
+}
+
+/// Counts early revocations (tokens refused while younger than half their lifetime), one per
+/// refused token however many requests carried it, so that a ping-pong between two holders
+/// of one app is named once a minute, not once per request.
 struct Thrash {
     window_start: Instant,
     count: u32,
     last_log: Option<Instant>,
+    last_early: Option<Instant>,
+    /// The generation last counted: concurrent 401s for one token are one revocation.
+    last_generation: u64,
+}
+
+/// What one early revocation means for the operator.
+#[derive(Debug, PartialEq, Eq)]
+enum ThrashSignal {
+    /// Not (yet) a pattern.
+    Quiet,
+    /// Thrash, `count` early revocations in the current window; `log` when the error line is
+    /// due (at most once per [`THRASH_LOG_INTERVAL`]).
+    Thrashing { count: u32, log: bool },
 }
 
 impl Thrash {
-    /// Records one early revocation; returns how many there were in the current window when
-    /// it is time to log.
-    fn note(&mut self, now: Instant) -> Option<u32> {
+    fn new(now: Instant) -> Thrash {
+        Thrash {
+            window_start: now,
+            count: 0,
+            last_log: None,
+            last_early: None,
+            last_generation: 0,
+        }
+    }
+
+    /// Records that the token of `generation` was revoked early.
+    fn note(&mut self, generation: u64, now: Instant) -> ThrashSignal {
+        if generation <= self.last_generation {
+            return ThrashSignal::Quiet;
+        }
+        self.last_generation = generation;
+        self.last_early = Some(now);
         if now.duration_since(self.window_start) > THRASH_LOG_INTERVAL {
             self.window_start = now;
             self.count = 0;
         }
         self.count += 1;
-        let due = self
+        if self.count < THRASH_THRESHOLD {
+            return ThrashSignal::Quiet;
+        }
+        let log = self
             .last_log
             .is_none_or(|t| now.duration_since(t) >= THRASH_LOG_INTERVAL);
-        (self.count >= THRASH_THRESHOLD && due).then(|| {
+        if log {
             self.last_log = Some(now);
-            self.count
-        })
+        }
+        ThrashSignal::Thrashing {
+            count: self.count,
+            log,
+        }
+    }
+
+    /// Whether no token was revoked early for a whole log interval: the warning can go.
+    fn calm(&self, now: Instant) -> bool {
+        self.last_early
+            .is_none_or(|t| now.duration_since(t) > THRASH_LOG_INTERVAL)
     }
 }
 
@@ -95,6 +147,11 @@ fn reread_file_secrets(settings: &TokenSettings) -> Option<(TokenSettings, Vec<&
     (!changed.is_empty()).then_some((new, changed))
 }
 
+fn watches_files(s: &TokenSettings) -> bool {
+    matches!(s.client_id.source, SecretSource::File(_))
+        || matches!(s.client_secret.source, SecretSource::File(_))
+}
+
 /// When to refresh a token of `lifetime`: at `refresh_at` of it, moved by `jitter` ∈ [-1, 1]
 /// times 5 % of the lifetime so that many sidecars started together spread out.
 pub fn refresh_delay(lifetime: Duration, refresh_at: f64, jitter: f64) -> Duration {
@@ -108,6 +165,17 @@ pub fn backoff(failures: u32, sample: f64) -> Duration {
     let exp = failures.saturating_sub(1).min(6);
     let cap = Duration::from_secs(1u64 << exp).min(MAX_BACKOFF);
     cap.mul_f64(sample.clamp(0.0, 1.0)).max(MIN_INTERVAL)
+}
+
+/// When the forced fetch owed for a refused token may start: not before the floor after the
+/// last one, and not before a retry that backoff has put off (`retry_at`, while fetches fail).
+pub fn forced_fetch_at(
+    now: Instant,
+    last_forced: Option<Instant>,
+    retry_at: Option<Instant>,
+) -> Instant {
+    let floor = last_forced.map_or(now, |t| t + FORCE_INTERVAL);
+    floor.max(retry_at.unwrap_or(now)).max(now)
 }
 
 type Fetch = Pin<Box<dyn Future<Output = (Result<Issued, FetchError>, Duration)> + Send>>;
@@ -125,12 +193,57 @@ fn needs_new_token(old: &TokenSettings, new: &TokenSettings) -> bool {
         || old.ca_file != new.ca_file
 }
 
+/// The background task of one integration, as `run` spawns it.
 pub struct Refresher {
     name: Arc<str>,
     handle: Arc<TokenHandle>,
     settings: watch::Receiver<Arc<TokenSettings>>,
     force_rx: mpsc::Receiver<ForceRequest>,
     metrics: Arc<IntegrationMetrics>,
+}
+
+/// What the refresher reacts to; [`Driver::next_event`] waits for the first of them.
+enum Event {
+    Shutdown,
+    /// The fetch in flight finished.
+    Fetched(Result<Issued, FetchError>, Duration),
+    /// A fetch is due: the scheduled refresh, a retry, or the forced fetch a refused token
+    /// is owed once the floor allows it.
+    Due,
+    /// The upstream refused a token (401).
+    Refused(ForceRequest),
+    /// A reload delivered new settings.
+    SettingsChanged(Arc<TokenSettings>),
+    /// Time to look at the `{ file = ... }` secrets again.
+    SecretPoll,
+    /// The token held has just expired with no successor.
+    Expired,
+}
+
+/// The refresher's state and one handler per [`Event`].
+struct Driver {
+    name: Arc<str>,
+    handle: Arc<TokenHandle>,
+    metrics: Arc<IntegrationMetrics>,
+    settings_rx: watch::Receiver<Arc<TokenSettings>>,
+    settings_open: bool,
+    force_rx: mpsc::Receiver<ForceRequest>,
+    secret_poll: tokio::time::Interval,
+    settings: Arc<TokenSettings>,
+    /// None while the settings cannot make one (a bad `ca_file`); retried on each attempt.
+    client: Option<TokenClient>,
+    in_flight: Option<(Fetch, Trigger)>,
+    /// When the next scheduled refresh or retry starts, and what it counts as.
+    next_at: Instant,
+    next_trigger: Trigger,
+    failures: u32,
+    /// The newest generation the upstream refused while no newer token is held: a forced
+    /// fetch is owed. It stays owed when the requests that reported it have given up.
+    refused: Option<u64>,
+    /// 401s waiting for a token newer than the one they were refused with.
+    waiters: Vec<ForceRequest>,
+    last_forced: Option<Instant>,
+    thrash: Thrash,
 }
 
 impl Refresher {
@@ -150,260 +263,334 @@ impl Refresher {
         }
     }
 
-    fn start_fetch(&self, client: &TokenClient, settings: &Arc<TokenSettings>) -> Fetch {
-        self.handle.lock_status().fetching = true;
-        let client = client.clone();
-        let settings = settings.clone();
-        Box::pin(async move {
-            let started = Instant::now();
-            let result = client.fetch(&settings).await;
-            (result, started.elapsed())
-        })
-    }
-
     /// Runs until `shutdown`. Owned and spawned by `run`.
-    pub async fn run(mut self, mut shutdown: Shutdown) {
-        let name = self.name.clone();
-        let mut settings = self.settings.borrow_and_update().clone();
-        let mut client = match TokenClient::new(&settings) {
-            Ok(c) => Some(c),
+    pub async fn run(self, mut shutdown: Shutdown) {
+        let mut driver = Driver::new(self);
+        loop {
+            match driver.next_event(&mut shutdown).await {
+                Event::Shutdown => break,
+                Event::Fetched(result, took) => driver.on_fetched(result, took),
+                Event::Due => driver.on_due(),
+                Event::Refused(req) => driver.on_refused(req),
+                Event::SettingsChanged(new) => driver.on_settings(new),
+                Event::SecretPoll => driver.on_secret_poll().await,
+                Event::Expired => driver.on_expired(),
+            }
+        }
+        debug!(integration = %driver.name, "refresher stopping");
+        driver.handle.lock_status().fetching = false;
+        driver.handle.attempt_finished();
+    }
+}
+
+impl Driver {
+    fn new(r: Refresher) -> Driver {
+        let Refresher {
+            name,
+            handle,
+            mut settings,
+            force_rx,
+            metrics,
+        } = r;
+        let current = settings.borrow_and_update().clone();
+        let mut secret_poll = tokio::time::interval(SECRET_POLL);
+        secret_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let now = Instant::now();
+        let mut driver = Driver {
+            name,
+            handle,
+            metrics,
+            settings_rx: settings,
+            settings_open: true,
+            force_rx,
+            secret_poll,
+            settings: current,
+            client: None,
+            in_flight: None,
+            next_at: now,
+            next_trigger: Trigger::Startup,
+            failures: 0,
+            refused: None,
+            waiters: Vec::new(),
+            last_forced: None,
+            thrash: Thrash::new(now),
+        };
+        match TokenClient::new(&driver.settings) {
+            Ok(c) => driver.client = Some(c),
             Err(e) => {
-                warn!(integration = %name, error = %e, "cannot build the token client");
+                warn!(integration = %driver.name, error = %e, "cannot build the token client");
                 {
-                    let mut status = self.handle.lock_status();
+                    let mut status = driver.handle.lock_status();
                     status.fetching = false;
                     status.last_error = Some(format!("cannot build the token client: {e}"));
                 }
                 // Requests waiting for the first fetch learn at once that there is none.
-                self.handle.attempt_finished();
-                None
-            }
-        };
-        let mut trigger = Trigger::Startup;
-        let mut next_at = Instant::now();
-        let mut in_flight: Option<(Fetch, Trigger)> = None;
-        // 401s sharing the forced fetch in flight.
-        let mut waiters: Vec<ForceRequest> = Vec::new();
-        // 401s that arrived during a scheduled fetch: it may have been answered before the
-        // revocation that caused them, so they get a forced fetch of their own after it.
-        let mut after_scheduled: Vec<ForceRequest> = Vec::new();
-        let mut last_forced: Option<Instant> = None;
-        // Doubles each time a forced refresh answers an early revocation, so two holders of
-        // one app back off instead of revoking each other's tokens as fast as they can.
-        let mut force_interval = FORCE_INTERVAL;
-        let mut thrash = Thrash {
-            window_start: Instant::now(),
-            count: 0,
-            last_log: None,
-        };
-        let mut failures: u32 = 0;
-        let mut settings_open = true;
-        let watches_files = |s: &TokenSettings| {
-            matches!(s.client_id.source, SecretSource::File(_))
-                || matches!(s.client_secret.source, SecretSource::File(_))
-        };
-        let mut secret_poll = tokio::time::interval(SECRET_POLL);
-        secret_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-
-        loop {
-            let expiry = self
-                .handle
-                .held()
-                .filter(|t| t.is_valid_at(Instant::now()))
-                .map(|t| t.expires_at);
-            tokio::select! {
-                _ = shutdown.wait() => {
-                    debug!(integration = %name, "refresher stopping");
-                    break;
-                }
-                (result, took) = poll_fetch(&mut in_flight) => {
-                    let done_trigger = in_flight.take().map(|(_, t)| t).unwrap_or(trigger);
-                    self.metrics.fetch_duration.observe(took.as_secs_f64());
-                    match result {
-                        Ok(issued) => {
-                            failures = 0;
-                            let lifetime = self.accept(issued, done_trigger, &settings);
-                            next_at = Instant::now()
-                                + refresh_delay(lifetime, settings.refresh_at, fastrand::f64() * 2.0 - 1.0);
-                            trigger = Trigger::Scheduled;
-                        }
-                        Err(e) => {
-                            failures += 1;
-                            let delay = backoff(failures, fastrand::f64())
-                                .max(e.retry_after().unwrap_or_default());
-                            next_at = Instant::now() + delay;
-                            self.fail(&e, done_trigger, delay, failures);
-                            // A retry keeps the trigger of what it retries.
-                            trigger = done_trigger;
-                        }
-                    }
-                    {
-                        let mut status = self.handle.lock_status();
-                        status.fetching = false;
-                        status.next_attempt = Some(next_at);
-                    }
-                    self.handle.attempt_finished();
-                    for w in waiters.drain(..) {
-                        let _ = w.reply.send(self.outcome(w.generation, "the new token request failed"));
-                    }
-                    if !after_scheduled.is_empty() {
-                        let forced_recently = last_forced.is_some_and(|t| t.elapsed() < force_interval);
-                        match &client {
-                            Some(c) if !forced_recently => {
-                                last_forced = Some(Instant::now());
-                                info!(integration = %name, "upstream refused the token (401) during a scheduled refresh; refreshing again");
-                                in_flight = Some((self.start_fetch(c, &settings), Trigger::Unauthorized));
-                                waiters.append(&mut after_scheduled);
-                            }
-                            _ => {
-                                for w in after_scheduled.drain(..) {
-                                    let _ = w.reply.send(self.outcome(w.generation, "the new token request failed"));
-                                }
-                            }
-                        }
-                    }
-                }
-                _ = sleep_until(next_at), if in_flight.is_none() => {
-                    match &client {
-                        Some(c) => in_flight = Some((self.start_fetch(c, &settings), trigger)),
-                        None => {
-                            // No client (a bad ca_file); retrying rebuilds it.
-                            client = TokenClient::new(&settings).ok();
-                            next_at = Instant::now() + MAX_BACKOFF;
-                            {
-                                let mut status = self.handle.lock_status();
-                                status.fetching = false;
-                                status.next_attempt = Some(next_at);
-                            }
-                            self.handle.attempt_finished();
-                        }
-                    }
-                }
-                Some(req) = self.force_rx.recv() => {
-                    if req.early {
-                        if let Some(count) = thrash.note(Instant::now()) {
-                            let message = format!(
-                                "tokens keep being revoked soon after they are issued ({count} times within a minute): most likely several tokengate replicas or other systems share this Delivery Hub app and the server revokes the previous token on each new issue; give each replica its own app. Forced refreshes back off (now at most one per {})",
-                                humantime::format_duration(force_interval)
-                            );
-                            error!(integration = %name, early_revocations = count, "{message}");
-                            self.handle.lock_status().warning = Some(message);
-                        }
-                    } else if force_interval != FORCE_INTERVAL {
-                        // A token that lived half its lifetime: whatever thrashed has stopped.
-                        force_interval = FORCE_INTERVAL;
-                        self.handle.lock_status().warning = None;
-                    }
-                    let current = self.handle.current();
-                    if current.as_ref().is_some_and(|t| t.generation > req.generation) {
-                        let _ = req.reply.send(self.outcome(req.generation, ""));
-                    } else if let Some((_, in_flight_trigger)) = &in_flight {
-                        if *in_flight_trigger == Trigger::Scheduled {
-                            after_scheduled.push(req);
-                        } else {
-                            waiters.push(req);
-                        }
-                    } else if last_forced.is_some_and(|t| t.elapsed() < force_interval) {
-                        let _ = req.reply.send(ForceOutcome::NotRefreshed(format!(
-                            "a token was refreshed because of a 401 less than {} ago and the upstream refuses that one too",
-                            humantime::format_duration(force_interval)
-                        )));
-                    } else if let Some(c) = &client {
-                        last_forced = Some(Instant::now());
-                        if req.early {
-                            force_interval = (force_interval * 2).min(MAX_FORCE_INTERVAL);
-                        }
-                        info!(integration = %name, "upstream refused the token (401); refreshing now");
-                        in_flight = Some((self.start_fetch(c, &settings), Trigger::Unauthorized));
-                        waiters.push(req);
-                    } else {
-                        let _ = req.reply.send(ForceOutcome::NotRefreshed("no token client".into()));
-                    }
-                }
-                changed = self.settings.changed(), if settings_open => {
-                    if changed.is_err() {
-                        settings_open = false;
-                        continue;
-                    }
-                    let new = self.settings.borrow_and_update().clone();
-                    let refetch = needs_new_token(&settings, &new);
-                    // The client holds the TLS roots and the egress route (proxy and its
-                    // credentials); a new egress_proxy_auth applies to the next tunnel.
-                    let egress_changed = new.egress != settings.egress;
-                    if new.ca_file != settings.ca_file || egress_changed || client.is_none() {
-                        match TokenClient::new(&new) {
-                            Ok(c) => client = Some(c),
-                            Err(e) => warn!(integration = %name, error = %e, "cannot build the token client; keeping the previous one"),
-                        }
-                    }
-                    settings = new;
-                    // A new route needs no new token, but while fetches fail (a proxy that
-                    // refused the old credentials) the next attempt should not wait out the
-                    // backoff.
-                    if egress_changed && !refetch && failures > 0 && in_flight.is_none() {
-                        next_at = Instant::now();
-                    }
-                    if refetch {
-                        info!(integration = %name, "token settings changed; fetching a new token");
-                        // A fetch under the old settings would produce a token for the old
-                        // credentials; start over with the new ones.
-                        in_flight = None;
-                        if let Some(c) = &client {
-                            in_flight = Some((self.start_fetch(c, &settings), Trigger::CredentialsChanged));
-                        }
-                        failures = 0;
-                    }
-                }
-                _ = secret_poll.tick(), if watches_files(&settings) => {
-                    let current = settings.clone();
-                    let reread = tokio::task::spawn_blocking(move || reread_file_secrets(&current))
-                        .await
-                        .ok()
-                        .flatten();
-                    if let Some((new, keys)) = reread {
-                        info!(integration = %name, changed = ?keys, "secret file changed; fetching a new token with it (the current token stays in use until then)");
-                        settings = Arc::new(new);
-                        in_flight = client
-                            .as_ref()
-                            .map(|c| (self.start_fetch(c, &settings), Trigger::CredentialsChanged));
-                        failures = 0;
-                    }
-                }
-                _ = sleep_until(expiry.unwrap_or_else(Instant::now)), if expiry.is_some() => {
-                    self.metrics.valid.set(0);
-                    warn!(integration = %name, "token expired and no new one was obtained; requests get 503 token_unavailable until one is");
-                }
+                driver.handle.attempt_finished();
             }
         }
-        self.handle.lock_status().fetching = false;
-        self.handle.attempt_finished();
+        driver
     }
 
-    fn outcome(&self, generation: u64, failed: &str) -> ForceOutcome {
-        match self.handle.current() {
-            Some(t) if t.generation > generation => ForceOutcome::Replaced(t),
-            Some(_) => ForceOutcome::NotRefreshed(
-                self.handle
-                    .lock_status()
-                    .last_error
-                    .clone()
-                    .unwrap_or_else(|| {
-                        "the token endpoint handed back the token the upstream refused".into()
-                    }),
-            ),
-            None => ForceOutcome::NotRefreshed(
-                self.handle
-                    .lock_status()
-                    .last_error
-                    .clone()
-                    .unwrap_or_else(|| failed.to_string()),
-            ),
+    /// When the next fetch starts if nothing else happens: the schedule (or retry), or
+    /// earlier the forced fetch a refused token is owed.
+    fn wake_at(&self, now: Instant) -> Instant {
+        match self.refused {
+            Some(_) => self.next_at.min(self.forced_at(now)),
+            None => self.next_at,
         }
+    }
+
+    fn forced_at(&self, now: Instant) -> Instant {
+        let retry_at = (self.failures > 0).then_some(self.next_at);
+        forced_fetch_at(now, self.last_forced, retry_at)
+    }
+
+    async fn next_event(&mut self, shutdown: &mut Shutdown) -> Event {
+        let now = Instant::now();
+        let expiry = self
+            .handle
+            .held()
+            .filter(|t| t.is_valid_at(now))
+            .map(|t| t.expires_at);
+        let wake_at = self.wake_at(now);
+        let idle = self.in_flight.is_none();
+        let polls_files = watches_files(&self.settings);
+        tokio::select! {
+            _ = shutdown.wait() => Event::Shutdown,
+            (result, took) = poll_fetch(&mut self.in_flight) => Event::Fetched(result, took),
+            _ = sleep_until(wake_at), if idle => Event::Due,
+            Some(req) = self.force_rx.recv() => Event::Refused(req),
+            changed = self.settings_rx.changed(), if self.settings_open => match changed {
+                Ok(()) => Event::SettingsChanged(self.settings_rx.borrow_and_update().clone()),
+                Err(_) => {
+                    // The sender went with a shutdown in progress; nothing more will come.
+                    self.settings_open = false;
+                    Event::SettingsChanged(self.settings.clone())
+                }
+            },
+            _ = self.secret_poll.tick(), if polls_files => Event::SecretPoll,
+            _ = sleep_until(expiry.unwrap_or(now)), if expiry.is_some() => Event::Expired,
+        }
+    }
+
+    fn start_fetch(&mut self, trigger: Trigger) {
+        let Some(client) = self.client.clone() else {
+            // No client (a bad ca_file): rebuilding it is the retry.
+            self.client = TokenClient::new(&self.settings).ok();
+            self.next_at = Instant::now() + MAX_BACKOFF;
+            self.next_trigger = trigger;
+            self.failed_attempt_finished();
+            return;
+        };
+        if trigger == Trigger::Unauthorized {
+            self.last_forced = Some(Instant::now());
+        }
+        self.handle.lock_status().fetching = true;
+        let settings = self.settings.clone();
+        self.in_flight = Some((
+            Box::pin(async move {
+                let started = Instant::now();
+                let result = client.fetch(&settings).await;
+                (result, started.elapsed())
+            }),
+            trigger,
+        ));
+    }
+
+    /// Updates the status after an attempt that did not run, and answers the waiters that
+    /// cannot be served before their deadline.
+    fn failed_attempt_finished(&mut self) {
+        {
+            let mut status = self.handle.lock_status();
+            status.fetching = false;
+            status.next_attempt = Some(self.next_at);
+        }
+        self.handle.attempt_finished();
+        self.answer_hopeless_waiters("no token client could be built");
+    }
+
+    fn on_fetched(&mut self, result: Result<Issued, FetchError>, took: Duration) {
+        let trigger = self.in_flight.take().map_or(self.next_trigger, |(_, t)| t);
+        self.metrics.fetch_duration.observe(took.as_secs_f64());
+        match result {
+            Ok(issued) => {
+                self.failures = 0;
+                let lifetime = self.accept(issued, trigger);
+                self.next_at = Instant::now()
+                    + refresh_delay(
+                        lifetime,
+                        self.settings.refresh_at,
+                        fastrand::f64() * 2.0 - 1.0,
+                    );
+                self.next_trigger = Trigger::Scheduled;
+                if trigger == Trigger::Scheduled && self.thrash.calm(Instant::now()) {
+                    // Tokens live to their scheduled refresh again: whatever thrashed stopped.
+                    self.handle.lock_status().warning = None;
+                }
+                // Whatever was refused, this fetch answers it: a token it hands back unchanged
+                // is refused again by the next request, which asks again.
+                self.refused = None;
+                for w in self.waiters.drain(..) {
+                    let _ = w.reply.send(outcome(&self.handle, w.generation));
+                }
+            }
+            Err(e) => {
+                self.failures += 1;
+                let delay = backoff(self.failures, fastrand::f64())
+                    .max(e.retry_after().unwrap_or_default());
+                self.next_at = Instant::now() + delay;
+                if trigger == Trigger::Unauthorized {
+                    // Retrying a forced fetch is a forced fetch: the floor holds for it too.
+                    self.next_at = forced_fetch_at(self.next_at, self.last_forced, None);
+                }
+                // A retry keeps the trigger of what it retries.
+                self.next_trigger = trigger;
+                self.fail(&e, trigger, delay);
+            }
+        }
+        {
+            let mut status = self.handle.lock_status();
+            status.fetching = false;
+            status.next_attempt = Some(self.next_at);
+        }
+        self.handle.attempt_finished();
+        self.answer_hopeless_waiters("the new token request failed");
+    }
+
+    fn on_due(&mut self) {
+        let now = Instant::now();
+        let trigger = if self.refused.is_some() && self.forced_at(now) <= now {
+            info!(integration = %self.name, "upstream refused the token (401); refreshing now");
+            Trigger::Unauthorized
+        } else {
+            self.next_trigger
+        };
+        self.start_fetch(trigger);
+    }
+
+    fn on_refused(&mut self, req: ForceRequest) {
+        let now = Instant::now();
+        if req.early {
+            if let ThrashSignal::Thrashing { count, log } = self.thrash.note(req.generation, now) {
+                let message = thrash_message(count);
+                if log {
+                    error!(integration = %self.name, early_revocations = count, "{message}");
+                }
+                self.handle.lock_status().warning = Some(message);
+            }
+        }
+        let current = self.handle.current();
+        if current
+            .as_ref()
+            .is_some_and(|t| t.generation > req.generation)
+        {
+            // Already replaced: replay with the current token, no fetch.
+            let _ = req.reply.send(outcome(&self.handle, req.generation));
+            return;
+        }
+        self.refused = Some(self.refused.unwrap_or(0).max(req.generation));
+        self.waiters.push(req);
+        if self.in_flight.is_none() {
+            if self.forced_at(now) <= now {
+                self.on_due();
+            } else {
+                debug!(integration = %self.name, "upstream refused the token (401) within 5 s of the last forced refresh; the request waits for the next one");
+            }
+        }
+        self.answer_hopeless_waiters("");
+    }
+
+    /// Answers the waiters that the next fetch cannot serve in time (it starts after their
+    /// deadline), and forgets those that stopped waiting.
+    fn answer_hopeless_waiters(&mut self, failed: &str) {
+        if self.waiters.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let starts = match (&self.in_flight, self.refused) {
+            (Some(_), _) => now,
+            (None, Some(_)) => self.forced_at(now),
+            (None, None) => self.next_at,
+        };
+        let (hopeless, waiting): (Vec<_>, Vec<_>) = self
+            .waiters
+            .drain(..)
+            .filter(|w| !w.reply.is_closed())
+            .partition(|w| w.deadline <= starts);
+        self.waiters = waiting;
+        for w in hopeless {
+            let why = match self.handle.lock_status().last_error.clone() {
+                Some(e) if !failed.is_empty() => format!("{failed}: {e}"),
+                _ => format!(
+                    "the next token request is allowed in {} (at most one per {} after a 401), after this request's request_timeout",
+                    humantime::format_duration(Duration::from_secs(
+                        starts.saturating_duration_since(now).as_secs_f64().ceil() as u64
+                    )),
+                    humantime::format_duration(FORCE_INTERVAL)
+                ),
+            };
+            let _ = w.reply.send(ForceOutcome::NotRefreshed(why));
+        }
+    }
+
+    fn on_settings(&mut self, new: Arc<TokenSettings>) {
+        if Arc::ptr_eq(&new, &self.settings) {
+            return;
+        }
+        let refetch = needs_new_token(&self.settings, &new);
+        // The client holds the TLS roots and the egress route (proxy and its credentials); a
+        // new egress_proxy_auth applies to the next tunnel.
+        let egress_changed = new.egress != self.settings.egress;
+        if new.ca_file != self.settings.ca_file || egress_changed || self.client.is_none() {
+            match TokenClient::new(&new) {
+                Ok(c) => self.client = Some(c),
+                Err(e) => {
+                    warn!(integration = %self.name, error = %e, "cannot build the token client; keeping the previous one")
+                }
+            }
+        }
+        self.settings = new;
+        // A new route needs no new token, but while fetches fail (a proxy that refused the
+        // old credentials) the next attempt should not wait out the backoff.
+        if egress_changed && !refetch && self.failures > 0 && self.in_flight.is_none() {
+            self.next_at = Instant::now();
+        }
+        if refetch {
+            info!(integration = %self.name, "token settings changed; fetching a new token");
+            self.refetch_with_new_credentials();
+        }
+    }
+
+    /// A fetch under the old settings would produce a token for the old credentials: start
+    /// over with the new ones. Waiters stay: the new token answers them.
+    fn refetch_with_new_credentials(&mut self) {
+        self.in_flight = None;
+        self.failures = 0;
+        self.start_fetch(Trigger::CredentialsChanged);
+    }
+
+    async fn on_secret_poll(&mut self) {
+        let current = self.settings.clone();
+        let reread = tokio::task::spawn_blocking(move || reread_file_secrets(&current))
+            .await
+            .ok()
+            .flatten();
+        if let Some((new, keys)) = reread {
+            info!(integration = %self.name, changed = ?keys, "secret file changed; fetching a new token with it (the current token stays in use until then)");
+            self.settings = Arc::new(new);
+            self.refetch_with_new_credentials();
+        }
+    }
+
+    fn on_expired(&mut self) {
+        self.metrics.valid.set(0);
+        warn!(integration = %self.name, "token expired and no new one was obtained; requests get 503 token_unavailable until one is");
     }
 
     /// Installs a new token; returns the lifetime the next refresh is planned from.
-    fn accept(&self, issued: Issued, trigger: Trigger, settings: &TokenSettings) -> Duration {
+    fn accept(&self, issued: Issued, trigger: Trigger) -> Duration {
         let name = &self.name;
+        let settings = &self.settings;
         // The cap keeps a configured assume_lifetime of centuries from overflowing Instant.
         let lifetime = issued
             .expires_in
@@ -460,7 +647,7 @@ impl Refresher {
         lifetime
     }
 
-    fn fail(&self, e: &FetchError, trigger: Trigger, retry_in: Duration, failures: u32) {
+    fn fail(&self, e: &FetchError, trigger: Trigger, retry_in: Duration) {
         let name = &self.name;
         self.metrics.refresh(trigger, false);
         self.metrics.fetch_error(e.kind());
@@ -472,7 +659,7 @@ impl Refresher {
             let mut status = self.handle.lock_status();
             status.last_error = Some(e.to_string());
             status.last_error_at = Some(SystemTime::now());
-            status.consecutive_failures = failures;
+            status.consecutive_failures = self.failures;
         }
         match valid_for {
             Some(left) => warn!(
@@ -493,6 +680,23 @@ impl Refresher {
                 "token request failed; requests get 503 token_unavailable until one succeeds"
             ),
         }
+    }
+}
+
+/// The answer to a 401 for `generation` once a fetch finished (or was not needed).
+fn outcome(handle: &TokenHandle, generation: u64) -> ForceOutcome {
+    match handle.current() {
+        Some(t) if t.generation > generation => ForceOutcome::Replaced(t),
+        Some(_) => ForceOutcome::NotRefreshed(
+            "the token endpoint handed back the token the upstream refused".into(),
+        ),
+        None => ForceOutcome::NotRefreshed(
+            handle
+                .lock_status()
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "no token could be obtained".to_string()),
+        ),
     }
 }
 
@@ -523,27 +727,48 @@ mod tests {
     }
 
     #[test]
-    fn thrash_is_named_after_three_early_revocations_and_then_once_a_minute() {
+    fn thrash_is_named_after_three_early_revocations_and_logged_once_a_minute() {
         let start = Instant::now();
-        let mut t = Thrash {
-            window_start: start,
-            count: 0,
-            last_log: None,
-        };
-        assert_eq!(t.note(start), None);
-        assert_eq!(t.note(start + Duration::from_secs(1)), None);
-        assert_eq!(t.note(start + Duration::from_secs(2)), Some(3));
-        assert_eq!(
-            t.note(start + Duration::from_secs(3)),
-            None,
-            "once a minute"
-        );
-        assert_eq!(t.note(start + Duration::from_secs(30)), None);
-        // A new window: three more within it are named again.
-        for s in [63, 64] {
-            assert_eq!(t.note(start + Duration::from_secs(s)), None);
+        let at = |s: u64| start + Duration::from_secs(s);
+        let mut t = Thrash::new(start);
+        assert_eq!(t.note(1, start), ThrashSignal::Quiet);
+        // Many requests refused with one token are one revocation.
+        for _ in 0..10 {
+            assert_eq!(t.note(1, start), ThrashSignal::Quiet);
         }
-        assert_eq!(t.note(start + Duration::from_secs(65)), Some(3));
+        assert_eq!(t.note(2, at(1)), ThrashSignal::Quiet);
+        let thrashing = |count, log| ThrashSignal::Thrashing { count, log };
+        assert_eq!(t.note(3, at(2)), thrashing(3, true));
+        assert_eq!(
+            t.note(4, at(3)),
+            thrashing(4, false),
+            "logged once a minute"
+        );
+        assert_eq!(t.note(5, at(30)), thrashing(5, false));
+        assert!(!t.calm(at(31)));
+        // A new window: three more within it are named again.
+        assert_eq!(t.note(6, at(63)), ThrashSignal::Quiet);
+        assert_eq!(t.note(7, at(64)), ThrashSignal::Quiet);
+        assert_eq!(t.note(8, at(65)), thrashing(3, true));
+        assert!(t.calm(at(126)));
+    }
+
+    #[test]
+    fn the_forced_fetch_floor_is_fixed_at_5_s() {
+        let now = Instant::now();
+        let s = Duration::from_secs;
+        // None before, or the last long ago: at once.
+        assert_eq!(forced_fetch_at(now, None, None), now);
+        assert_eq!(forced_fetch_at(now + s(60), Some(now), None), now + s(60));
+        // Within the floor: when it ends, however many forced fetches came before.
+        assert_eq!(forced_fetch_at(now + s(1), Some(now), None), now + s(5));
+        assert_eq!(forced_fetch_at(now + s(5), Some(now), None), now + s(5));
+        // A backoff that puts the retry later wins over the floor.
+        assert_eq!(
+            forced_fetch_at(now + s(1), Some(now), Some(now + s(9))),
+            now + s(9)
+        );
+        assert_eq!(forced_fetch_at(now, None, Some(now - s(1))), now);
     }
 
     #[test]
