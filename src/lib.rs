@@ -18,6 +18,8 @@
 //! - [`token`]: the token cell ([`token::TokenHandle`]), one exchange ([`token::client`]), the
 //!   background refresher ([`token::refresher`]).
 //! - [`proxy`]: the per-integration hyper service (filter → inject → forward → replay → record).
+//! - [`reload`]: the pure comparison of what runs with a reloaded file (live keys by name,
+//!   the rest needing a restart).
 //! - [`admin`]: the admin listener.
 //! - [`telemetry`]: logging setup and every metric, on a registry owned by [`start`].
 //! - [`tls`]: the one rustls provider and root store both clients use.
@@ -40,6 +42,7 @@ pub mod demo;
 pub mod egress;
 pub mod error;
 pub mod proxy;
+pub mod reload;
 pub mod shutdown;
 pub mod standin;
 pub mod telemetry;
@@ -56,7 +59,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, TokenSettings};
 use crate::proxy::{Gate, Route};
@@ -149,14 +152,25 @@ pub struct State {
 /// A started tokengate: its addresses, readiness, reload and shutdown.
 pub struct Running {
     state: Arc<State>,
+    /// What runs: the configuration started with, its live keys updated by each reload
+    /// ([`reload::applied`]).
     config: Config,
-    token_settings: Vec<watch::Sender<Arc<TokenSettings>>>,
+    /// In start order; a reload finds them by name, never by position.
+    integrations: Vec<Serving>,
     admin_addr: SocketAddr,
     stop_accepting: shutdown::Trigger,
     stop_tasks: shutdown::Trigger,
     listeners: Vec<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
     graceful: Arc<GracefulShutdown>,
+}
+
+/// One running integration: its proxy state, the address it listens on and the channel that
+/// hands its refresher new token settings.
+struct Serving {
+    gate: Arc<Gate>,
+    addr: SocketAddr,
+    token_settings: watch::Sender<Arc<TokenSettings>>,
 }
 
 impl std::fmt::Debug for Running {
@@ -190,9 +204,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
             source,
         })?;
 
-    let mut gates = Vec::new();
-    let mut listen = Vec::new();
-    let mut token_settings = Vec::new();
+    let mut integrations = Vec::new();
     let mut tasks = Vec::new();
     let mut serving = Vec::new();
     for (integration, listener) in config.integrations.iter().zip(listeners.integrations) {
@@ -235,13 +247,15 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
             accept_signal.clone(),
             task_signal.clone(),
         )));
-        gates.push(gate);
-        listen.push(addr);
-        token_settings.push(settings_tx);
+        integrations.push(Serving {
+            gate,
+            addr,
+            token_settings: settings_tx,
+        });
     }
     let state = Arc::new(State {
-        gates,
-        listen,
+        gates: integrations.iter().map(|i| i.gate.clone()).collect(),
+        listen: integrations.iter().map(|i| i.addr).collect(),
         metrics,
         draining: AtomicBool::new(false),
     });
@@ -254,7 +268,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
     Ok(Running {
         state,
         config,
-        token_settings,
+        integrations,
         admin_addr,
         stop_accepting,
         stop_tasks,
@@ -271,11 +285,11 @@ impl Running {
 
     /// The bound address of the named integration's listener.
     pub fn integration_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.state
-            .gates
-            .iter()
-            .position(|g| &*g.name == name)
-            .map(|i| self.state.listen[i])
+        self.serving(name).map(|i| i.addr)
+    }
+
+    fn serving(&self, name: &str) -> Option<&Serving> {
+        self.integrations.iter().find(|i| &*i.gate.name == name)
     }
 
     pub fn state(&self) -> &Arc<State> {
@@ -286,37 +300,45 @@ impl Running {
         !self.state.draining.load(Ordering::Relaxed) && admin::not_ready(&self.state).is_empty()
     }
 
-    /// Applies a new, already validated configuration: live keys now, the rest logged as
-    /// needing a restart.
+    /// SIGHUP: re-reads the configuration file and every secret and applies it with
+    /// [`Running::reload`]; a file that fails validation is rejected whole and what runs
+    /// stays. Logs and counts the outcome; returns whether the file was taken.
+    pub fn reload_file(&mut self) -> bool {
+        let path = self.config.path.clone();
+        debug!(config = %path.display(), "reloading the configuration and every secret");
+        match Config::load(&path) {
+            Ok(new) => {
+                for w in &new.warnings {
+                    warn!("{w}");
+                }
+                self.reload(new);
+                self.state.metrics.reload(true);
+                info!(config = %path.display(), "configuration reloaded");
+                true
+            }
+            Err(e) => {
+                self.state.metrics.reload(false);
+                error!(error = %e, "configuration rejected; the running configuration stays");
+                false
+            }
+        }
+    }
+
+    /// Applies a new, already validated configuration: the live keys of every running
+    /// integration, matched by name, now; the rest logged as needing a restart. Nothing that
+    /// runs stops or moves, whatever the file adds, removes, renames or reorders.
     pub fn reload(&mut self, new: Config) {
-        let old = &self.config;
-        if old.server.admin_listen != new.server.admin_listen {
-            warn!("server.admin_listen changed; restart tokengate to apply it");
+        let plan = reload::plan(&self.config, &new);
+        for line in &plan.restart {
+            warn!("{line}");
         }
-        if old.server.log_format != new.server.log_format {
-            warn!("server.log_format changed; restart tokengate to apply it");
-        }
-        if old.server.header_read_timeout != new.server.header_read_timeout {
-            // The listeners' HTTP/1 builders are made once at start.
-            warn!("server.header_read_timeout changed; restart tokengate to apply it");
-        }
-        if old.server.allow_remote_clients != new.server.allow_remote_clients {
-            warn!("server.allow_remote_clients changed; restart tokengate to apply it");
-        }
-        let old_names: Vec<&str> = old.integrations.iter().map(|i| i.name.as_str()).collect();
-        let new_names: Vec<&str> = new.integrations.iter().map(|i| i.name.as_str()).collect();
-        if old_names != new_names {
-            warn!(before = ?old_names, after = ?new_names, "integrations were added, removed or reordered; restart tokengate to apply that");
-        }
-        for (i, gate) in self.state.gates.iter().enumerate() {
-            let Some(integration) = new.integrations.iter().find(|n| n.name == *gate.name) else {
+        for change in &plan.integrations {
+            let Some(serving) = self.serving(&change.name) else {
                 continue;
             };
-            if integration.listen != old.integrations[i].listen {
-                warn!(integration = %gate.name, "listen changed; restart tokengate to apply it");
-            }
-            if gate.route.load().settings != integration.proxy {
-                match Route::new(integration.proxy.clone()) {
+            let gate = &serving.gate;
+            if let Some(proxy) = &change.proxy {
+                match Route::new(proxy.clone()) {
                     Ok(route) => {
                         gate.route.store(Arc::new(route));
                         info!(integration = %gate.name, "proxy settings applied");
@@ -326,16 +348,18 @@ impl Running {
                     }
                 }
             }
-            self.token_settings[i].send_if_modified(|current| {
-                if **current == integration.token {
-                    false
-                } else {
-                    *current = Arc::new(integration.token.clone());
-                    true
-                }
-            });
+            if let Some(token) = &change.token {
+                serving.token_settings.send_replace(Arc::new(token.clone()));
+            }
         }
-        self.config = new;
+        let mut next = reload::applied(&self.config, &plan);
+        // A route that could not be built keeps the previous settings: what runs says so, and
+        // the next reload tries again.
+        for (i, serving) in next.integrations.iter_mut().zip(&self.integrations) {
+            i.proxy = serving.gate.route.load().settings.clone();
+        }
+        next.warnings = new.warnings;
+        self.config = next;
     }
 
     /// Reports not ready, stops accepting, lets in-flight requests (and the bodies they

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use tokengate::config::Config;
 use tokengate::token::client::TokenClient;
@@ -183,23 +183,7 @@ async fn serve(config: Config, path: PathBuf) -> ExitCode {
                 break;
             }
             _ = hangup.recv() => {
-                // A reload is logged once, with its outcome; `reload` adds a line per change
-                // that needs a restart or was applied.
-                debug!(config = %path.display(), "SIGHUP: reloading the configuration and every secret");
-                match Config::load(&path) {
-                    Ok(new) => {
-                        for w in &new.warnings {
-                            warn!("{w}");
-                        }
-                        running.reload(new);
-                        running.state().metrics.reload(true);
-                        info!(config = %path.display(), "SIGHUP: configuration reloaded");
-                    }
-                    Err(e) => {
-                        running.state().metrics.reload(false);
-                        error!(error = %e, "SIGHUP: configuration rejected; the running configuration stays");
-                    }
-                }
+                running.reload_file();
             }
         }
     }
