@@ -18,8 +18,6 @@
 //! - [`token`]: the token cell ([`token::TokenHandle`]), one exchange ([`token::client`]), the
 //!   background refresher ([`token::refresher`]).
 //! - [`proxy`]: the per-integration hyper service (filter → inject → forward → replay → record).
-//! - [`reload`]: the pure comparison of what runs with a reloaded file (live keys by name,
-//!   the rest needing a restart).
 //! - [`admin`]: the admin listener.
 //! - [`telemetry`]: logging setup and every metric, on a registry owned by [`start`].
 //! - [`tls`]: the one rustls provider and root store both clients use.
@@ -42,7 +40,6 @@ pub mod demo;
 pub mod egress;
 pub mod error;
 pub mod proxy;
-pub mod reload;
 pub mod shutdown;
 pub mod standin;
 pub mod telemetry;
@@ -153,7 +150,7 @@ pub struct State {
 pub struct Running {
     state: Arc<State>,
     /// What runs: the configuration started with, its live keys updated by each reload
-    /// ([`reload::applied`]).
+    /// ([`config::diff::applied`]).
     config: Config,
     /// In start order; a reload finds them by name, never by position.
     integrations: Vec<Serving>,
@@ -328,7 +325,7 @@ impl Running {
     /// integration, matched by name, now; the rest logged as needing a restart. Nothing that
     /// runs stops or moves, whatever the file adds, removes, renames or reorders.
     pub fn reload(&mut self, new: Config) {
-        let plan = reload::plan(&self.config, &new);
+        let plan = config::diff::plan(&self.config, &new);
         for line in &plan.restart {
             warn!("{line}");
         }
@@ -352,7 +349,7 @@ impl Running {
                 serving.token_settings.send_replace(Arc::new(token.clone()));
             }
         }
-        let mut next = reload::applied(&self.config, &plan);
+        let mut next = config::diff::applied(&self.config, &plan);
         // A route that could not be built keeps the previous settings: what runs says so, and
         // the next reload tries again.
         for (i, serving) in next.integrations.iter_mut().zip(&self.integrations) {

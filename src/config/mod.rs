@@ -6,8 +6,8 @@
 //! file, the key path (`integration[1].client_secret`) and what to write instead.
 //!
 //! This module does no network I/O and never prints a secret: [`Secret`] has a redacted
-//! `Debug`/`Display` and no `Serialize`. It does not watch files or decide what a reload
-//! changes; it only builds a fresh [`Config`] each time it is asked.
+//! `Debug`/`Display` and no `Serialize`. It does not watch files; it builds a fresh
+//! [`Config`] each time it is asked, and [`diff`] compares two of them for a reload.
 //!
 //! # Layout
 //! This file holds the validated types the rest of the crate reads, the defaults, and
@@ -20,6 +20,8 @@
 //! - `egress`: the route each endpoint takes (direct, `egress_proxy`, or
 //!   `HTTPS_PROXY`/`NO_PROXY`); a pure decision, made at load time.
 //! - `diagnose`: from a byte span to `file:line:column`, the key path and a suggestion.
+//! - [`diff`]: what runs vs a reloaded file: the live keys each running integration takes by
+//!   name, and what needs a restart (pure; `Running::reload` applies it).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -29,6 +31,7 @@ use serde::Deserialize;
 use toml::de::DeTable;
 
 mod diagnose;
+pub mod diff;
 mod egress;
 mod raw;
 mod secret;
