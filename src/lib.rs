@@ -302,7 +302,7 @@ impl Running {
     /// stays. Logs and counts the outcome; returns whether the file was taken.
     pub fn reload_file(&mut self) -> bool {
         let path = self.config.path.clone();
-        debug!(config = %path.display(), "reloading the configuration and every secret");
+        debug!(config = %path.display(), "SIGHUP: reloading the configuration and every secret");
         match Config::load(&path) {
             Ok(new) => {
                 for w in &new.warnings {
@@ -310,12 +310,12 @@ impl Running {
                 }
                 self.reload(new);
                 self.state.metrics.reload(true);
-                info!(config = %path.display(), "configuration reloaded");
+                info!(config = %path.display(), "SIGHUP: configuration reloaded");
                 true
             }
             Err(e) => {
                 self.state.metrics.reload(false);
-                error!(error = %e, "configuration rejected; the running configuration stays");
+                error!(error = %e, "SIGHUP: configuration rejected; the running configuration stays");
                 false
             }
         }

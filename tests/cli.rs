@@ -198,6 +198,81 @@ async fn runs_serves_reloads_and_drains_on_sigterm() {
     }
 }
 
+/// `[oms, wms]` → `[oms]` → `[oms, wms]`, each followed by SIGHUP, then a reordered file and
+/// an invalid one: the process keeps running, both ports keep answering, the removal and the
+/// reorder are logged as needing a restart, and SIGTERM still drains and exits 0.
+#[tokio::test]
+async fn reloads_that_remove_restore_and_reorder_integrations_keep_every_port_serving() {
+    let hub = support::hub().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (admin, oms, wms) = (free_port(), free_port(), free_port());
+    let integration = |name: &str, port: u16| {
+        format!(
+            "[[integration]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\ntoken_url = \"{}\"\nupstream = \"{}\"\nclient_id = {{ env = \"CLI_ID\" }}\nclient_secret = {{ env = \"CLI_SECRET\" }}\n",
+            hub.token_url(),
+            hub.base_url()
+        )
+    };
+    let write = |parts: &[String]| {
+        let text = format!(
+            "[server]\nadmin_listen = \"127.0.0.1:{admin}\"\nshutdown_grace = \"5s\"\n{}",
+            parts.join("\n")
+        );
+        std::fs::write(dir.path().join("tokengate.toml"), text).unwrap();
+    };
+    let (o, w) = (integration("oms", oms), integration("wms", wms));
+    write(&[o.clone(), w.clone()]);
+    let config = dir.path().join("tokengate.toml");
+    let mut command = tokio::process::Command::new(support::process::BIN);
+    command
+        .args(["--config", config.to_str().unwrap()])
+        .env("TOKENGATE_LOG", "info")
+        .env("CLI_ID", "id")
+        .env("CLI_SECRET", "secret");
+    let mut p = Proc::start(command);
+    p.wait_for("admin endpoints").await;
+    let client = support::client();
+    let both_answer = || async {
+        for port in [oms, wms] {
+            let res = client
+                .get(format!("http://127.0.0.1:{port}/v2/orders"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 200, "port {port}");
+        }
+    };
+    both_answer().await;
+
+    write(std::slice::from_ref(&o));
+    p.signal(Signal::SIGHUP);
+    p.wait_for("integration wms is no longer in the file").await;
+    p.wait_for("configuration reloaded").await;
+    both_answer().await;
+
+    write(&[o.clone(), w.clone()]);
+    p.signal(Signal::SIGHUP);
+    p.wait_for("configuration reloaded").await;
+    both_answer().await;
+
+    write(&[w.clone(), o.clone()]);
+    p.signal(Signal::SIGHUP);
+    p.wait_for("integrations were reordered").await;
+    p.wait_for("configuration reloaded").await;
+    both_answer().await;
+
+    write(&["[[integration]]\nname = 3\n".to_string()]);
+    p.signal(Signal::SIGHUP);
+    p.wait_for("configuration rejected").await;
+    both_answer().await;
+
+    p.signal(Signal::SIGTERM);
+    p.wait_for("drained").await;
+    assert_eq!(p.exit_code().await, 0);
+    let logs = p.seen.join("\n");
+    assert!(!logs.contains("panicked"), "{logs}");
+}
+
 #[tokio::test]
 async fn sigint_also_drains_and_exits_zero() {
     let hub = support::hub().await;
