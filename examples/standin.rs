@@ -6,9 +6,11 @@
 //!     [--revoke-every-secs N]
 //! ```
 //! Prints its base URL (`http://127.0.0.1:PORT` or `https://localhost:PORT`) as the first line
-//! on stdout, then serves until SIGTERM/SIGINT. With `--revoke-every-secs`, every token issued
-//! so far is revoked every N seconds (the soak's stand-in for a regenerated Client Secret Key),
-//! each time with a `standin: revoked every token` line on stderr.
+//! on stdout, then serves until SIGTERM/SIGINT. With `--revoke-every-secs N`, every token
+//! issued so far is revoked (the soak's stand-in for a regenerated Client Secret Key) on
+//! average every N seconds, at every token age a server and an operator produce: at random
+//! moments, right after a forced refresh, right after a scheduled one, and in pairs 1 s, 3 s
+//! and 6 s apart; each time with a `standin: revoked every token` line on stderr.
 #![allow(clippy::print_stdout)] // the base URL on stdout is this program's interface
 
 use std::path::PathBuf;
@@ -70,19 +72,55 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     .await?;
     println!("{}", hub.base_url());
     if args.revoke_every_secs > 0 {
-        let hub = hub.clone();
-        let every = Duration::from_secs(args.revoke_every_secs);
         // Ends with the runtime when main returns.
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-            for n in 1u64.. {
-                tick.tick().await;
-                hub.revoke_all();
-                eprintln!("standin: revoked every token ({n})");
-            }
-        });
+        tokio::spawn(revocations(
+            hub.clone(),
+            Duration::from_secs(args.revoke_every_secs),
+        ));
     }
     stop.await;
     hub.shutdown();
     Ok(())
+}
+
+/// Revokes every token, round after round, at every token age: after a random pause around
+/// `mean`; right after the forced refresh that revocation causes; right after the scheduled
+/// refresh that follows; then in pairs 1 s, 3 s and 6 s apart. Never tied to how old the
+/// token in use is: a proxy that copes only with some ages fails here.
+async fn revocations(hub: Hub, mean: Duration) {
+    let mut n = 0u64;
+    let mut revoke = |why: &str| {
+        n += 1;
+        hub.revoke_all();
+        eprintln!("standin: revoked every token ({n}, {why})");
+    };
+    let pause = |d: Duration| tokio::time::sleep(d);
+    // The next token issued after this call, seen within 10 ms.
+    let next_issue = |hub: &Hub| {
+        let hub = hub.clone();
+        let seen = hub.issued_tokens().len();
+        async move {
+            while hub.issued_tokens().len() == seen {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    loop {
+        pause(mean.mul_f64(0.5 + fastrand::f64())).await;
+        let forced = next_issue(&hub);
+        revoke("random moment");
+        forced.await;
+        let forced_again = next_issue(&hub);
+        revoke("right after a forced refresh");
+        // That revocation's own forced refresh, then the scheduled one after it.
+        forced_again.await;
+        next_issue(&hub).await;
+        revoke("right after the next refresh");
+        for gap in [1, 3, 6] {
+            pause(mean.mul_f64(0.25 + 0.5 * fastrand::f64())).await;
+            revoke("first of a pair");
+            pause(Duration::from_secs(gap)).await;
+            revoke(&format!("{gap} s after the previous"));
+        }
+    }
 }
