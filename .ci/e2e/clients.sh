@@ -282,7 +282,7 @@ h2c        java-httpclient-base-get           Java HttpClient (default, offers h
 post       java-httpclient-base-post          Java HttpClient (HTTP_1_1), base URL: POST JSON
 get        java-httpclient-proxy-get          Java HttpClient .proxy(ProxySelector.of(...)), proxy mode: GET
 post       java-httpclient-proxy-post         Java HttpClient .proxy(ProxySelector.of(...)), proxy mode: POST JSON
-bypass     java-httpclient-sysprops-trap      trap: Java HttpClient with ProxySelector.getDefault() and http.proxyHost skips the proxy for loopback
+bypass     java-httpclient-sysprops-trap      trap: Java HttpClient (no .proxy(...)) with http.proxyHost skips the proxy for loopback
 get        java-httpclient-sysprops-get       Java HttpClient with http.proxyHost and http.nonProxyHosts= (empty), proxy mode: GET
 get        java-urlconnection-base-get        Java HttpURLConnection, base URL: GET
 post       java-urlconnection-base-post       Java HttpURLConnection, base URL: POST JSON

@@ -128,9 +128,9 @@ public class Clients {
         System.setProperty("http.proxyPort", String.valueOf(PROXY.getPort()));
         run("java-urlconnection-sysprops-trap",
                 () -> urlConnection(API + "/v2/orders?client=java-urlconnection-sysprops-trap", null, null));
+        // An HttpClient built without .proxy(...) uses the same default ProxySelector.
         HttpClient systemProxy = HttpClient.newBuilder()
                 .version(HttpClient.Version.HTTP_1_1)
-                .proxy(ProxySelector.getDefault())
                 .connectTimeout(TIMEOUT)
                 .build();
         run("java-httpclient-sysprops-trap",
