@@ -85,6 +85,9 @@ for tool in curl wget python3 node npm go ruby; do
   command -v "$tool" >/dev/null || die "$tool is still not on PATH"
 done
 have_jdk || die "java cannot run a source file (no jdk.compiler module)"
+node -e 'const [a, b, c] = process.versions.node.split(".").map(Number);
+  process.exit(a > 20 || (a === 20 && (b > 18 || (b === 18 && c >= 1))) ? 0 : 1)' ||
+  die "node $(node --version) is too old: undici 7 needs Node.js 20.18.1 or later"
 have_php_curl || die "php has no curl extension"
 [[ -f $GUZZLE ]] || die "no Guzzle at $GUZZLE"
 
