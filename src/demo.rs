@@ -114,6 +114,7 @@ pub async fn run(shutdown: impl Future<Output = &'static str>) -> Result<(), Dem
         "  curl -si -x http://{proxy_addr} {}/v2/orders   # a client using HTTP_PROXY",
         hub.base_url()
     );
+    println!("  # Java, .NET, Node, Python, PHP, Go, Ruby, wget: \"Client recipes\" in README.md (both modes, each one's trap)");
     println!("  curl -s  http://{admin_addr}/status");
     println!("  curl -s  http://{admin_addr}/metrics | grep tokengate_token");
     println!("the token is refreshed after ~24 s of its 30 s: watch for \"token obtained\" below. Ctrl-C stops.");

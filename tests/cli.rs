@@ -386,6 +386,20 @@ async fn demo_sends_a_call_and_stops_on_sigint() {
         "{}",
         p.seen.join("\n")
     );
+    // The pointer beside the curl lines names a README section that exists.
+    assert!(
+        p.seen
+            .iter()
+            .any(|l| l.contains("\"Client recipes\" in README.md")),
+        "{}",
+        p.seen.join("\n")
+    );
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    assert!(
+        readme.contains("\n## Client recipes\n"),
+        "README lacks the section"
+    );
 }
 
 #[tokio::test]
