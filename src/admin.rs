@@ -86,6 +86,12 @@ fn status(state: &State) -> Value {
                 "last_error_at": s.last_error_at.map(rfc3339),
                 "consecutive_failures": s.consecutive_failures,
                 "warning": s.warning,
+                "fleet": s.fleet.as_ref().map(|f| json!({
+                    "id": f.id,
+                    "redis_up": f.redis_up,
+                    "generation": f.generation,
+                    "last_fetch_by": f.last_fetch_by,
+                })),
                 "fetching": s.fetching,
                 "next_attempt_in_s": s.next_attempt.map(|t| t.saturating_duration_since(now).as_secs()),
                 "requests_served": g.metrics.served.load(Ordering::Relaxed),

@@ -61,7 +61,8 @@ use tracing::{debug, error, info, warn};
 use crate::config::{Config, TokenSettings};
 use crate::proxy::{Gate, Route};
 use crate::telemetry::Metrics;
-use crate::token::refresher::Refresher;
+use crate::token::fleet::Hub;
+use crate::token::refresher::{FleetContext, Refresher};
 use crate::token::TokenHandle;
 
 /// Sockets bound by the caller before `start`, so tests bind `127.0.0.1:0` and `main` can
@@ -87,6 +88,8 @@ pub enum StartError {
     Tls { name: String, source: tls::TlsError },
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("{0}")]
+    Fleet(String),
 }
 
 /// The accept-queue length asked of the kernel, which clamps it to `net.core.somaxconn`
@@ -204,6 +207,29 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
     let mut integrations = Vec::new();
     let mut tasks = Vec::new();
     let mut serving = Vec::new();
+    let fleet = match &config.fleet {
+        None => None,
+        Some(settings) => {
+            let hub = Hub::new(settings).map_err(StartError::Fleet)?;
+            let gauge = metrics.fleet_redis_up();
+            let mut up = hub.up();
+            let mut stop = task_signal.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    gauge.set(i64::from(*up.borrow_and_update()));
+                    tokio::select! {
+                        changed = up.changed() => if changed.is_err() { break },
+                        _ = stop.wait() => break,
+                    }
+                }
+            }));
+            tasks.push(tokio::spawn(hub.clone().listen(task_signal.clone())));
+            Some(FleetContext {
+                hub,
+                metrics: metrics.clone(),
+            })
+        }
+    };
     for (integration, listener) in config.integrations.iter().zip(listeners.integrations) {
         let name: Arc<str> = Arc::from(integration.name.as_str());
         let route = Route::new(integration.proxy.clone()).map_err(|source| StartError::Tls {
@@ -219,6 +245,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
             settings_rx,
             force_rx,
             m.clone(),
+            fleet.clone(),
         );
         tasks.push(tokio::spawn(refresher.run(task_signal.clone())));
         let gate = Arc::new(Gate {

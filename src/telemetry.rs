@@ -96,6 +96,41 @@ pub struct Metrics {
     fetch_errors: IntCounterVec,
     ratelimit: IntGaugeVec,
     early_revocations: IntCounterVec,
+    fleet_redis_up: IntGaugeVec,
+    fleet_generation: IntGaugeVec,
+    fleet_adoptions: IntCounterVec,
+    fleet_claims: IntCounterVec,
+    fleet_rejected: IntCounterVec,
+    fleet_local_fetches: IntCounterVec,
+}
+
+pub const FLEET_VIAS: [&str; 2] = ["notification", "read"];
+pub const CLAIM_RESULTS: [&str; 3] = ["won", "lost", "error"];
+pub const REJECT_REASONS: [&str; 2] = ["unseal_failed", "malformed"];
+
+/// One integration's fleet series, created (at 0) when it is a fleet member.
+pub struct FleetMetrics {
+    pub generation: IntGauge,
+    adoptions: [IntCounter; 2],
+    claims: [[IntCounter; 3]; 4],
+    rejected: [IntCounter; 2],
+    pub local_fetches: IntCounter,
+}
+
+impl FleetMetrics {
+    pub fn adopted(&self, via: usize) {
+        self.adoptions[via].inc();
+    }
+
+    pub fn claim(&self, trigger: Trigger, result: usize) {
+        self.claims[trigger as usize][result].inc();
+    }
+
+    pub fn rejected(&self, why: &str) {
+        if let Some(i) = REJECT_REASONS.iter().position(|r| *r == why) {
+            self.rejected[i].inc();
+        }
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -239,6 +274,42 @@ impl Metrics {
                 "401s for a token younger than half its lifetime: revocation thrash.",
                 &["integration"],
             )?,
+            fleet_redis_up: int_gauge(
+                &r,
+                "tokengate_fleet_redis_up",
+                "1 while the fleet's Redis is reachable (fleet mode).",
+                &[],
+            )?,
+            fleet_generation: int_gauge(
+                &r,
+                "tokengate_fleet_generation",
+                "The fleet generation of the token held; equal across a converged fleet.",
+                &["integration"],
+            )?,
+            fleet_adoptions: counter(
+                &r,
+                "tokengate_fleet_adoptions_total",
+                "Peers' tokens taken instead of fetching, by how they were learnt of.",
+                &["integration", "via"],
+            )?,
+            fleet_claims: counter(
+                &r,
+                "tokengate_fleet_claims_total",
+                "Attempts to claim the right to fetch for the fleet, by trigger and result.",
+                &["integration", "trigger", "result"],
+            )?,
+            fleet_rejected: counter(
+                &r,
+                "tokengate_fleet_entries_rejected_total",
+                "Fleet entries that did not open (forged, or sealed under another secret) or were malformed.",
+                &["integration", "why"],
+            )?,
+            fleet_local_fetches: counter(
+                &r,
+                "tokengate_fleet_local_fetches_total",
+                "Tokens fetched alone because the fleet's Redis was unreachable.",
+                &["integration"],
+            )?,
             registry: r,
         })
         .inspect(|m| {
@@ -277,6 +348,23 @@ impl Metrics {
         };
         m.valid.set(0);
         Arc::new(m)
+    }
+
+    /// `tokengate_fleet_redis_up`, created at 0 when the configuration has `[fleet]`.
+    pub fn fleet_redis_up(&self) -> IntGauge {
+        self.fleet_redis_up.with_label_values(&[] as &[&str])
+    }
+
+    /// The fleet series of integration `name`, every known label combination at 0.
+    pub fn fleet(&self, name: &str) -> Arc<FleetMetrics> {
+        Arc::new(FleetMetrics {
+            generation: self.fleet_generation.with_label_values(&[name]),
+            adoptions: FLEET_VIAS.map(|v| self.fleet_adoptions.with_label_values(&[name, v])),
+            claims: TRIGGERS
+                .map(|t| CLAIM_RESULTS.map(|r| self.fleet_claims.with_label_values(&[name, t, r]))),
+            rejected: REJECT_REASONS.map(|w| self.fleet_rejected.with_label_values(&[name, w])),
+            local_fetches: self.fleet_local_fetches.with_label_values(&[name]),
+        })
     }
 
     pub fn reload(&self, ok: bool) {

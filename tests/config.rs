@@ -159,6 +159,7 @@ fn example_and_reference_name_every_key() {
     let keys: Vec<&str> = SERVER_KEYS
         .iter()
         .chain(INTEGRATION_KEYS)
+        .chain(FLEET_KEYS)
         .copied()
         .collect();
     assert!(keys.len() > 20, "the key lists look empty: {keys:?}");

@@ -64,6 +64,20 @@ pub fn plan(running: &Config, new: &Config) -> Plan {
         old_s.allow_remote_clients != new_s.allow_remote_clients,
         "server.allow_remote_clients",
     );
+    // The Redis connection is made once at start; each integration's membership (fleet,
+    // fleet_id, wait_for_peer, on_unavailable) is a token setting and applies live.
+    match (&running.fleet, &new.fleet) {
+        (None, Some(_)) => restart(true, "[fleet]"),
+        (Some(_), None) => plan.restart.push(
+            "[fleet] was removed: the integrations fetch their own tokens from now on; restart tokengate to close the Redis connection".into(),
+        ),
+        (Some(old), Some(new)) => {
+            restart(old.redis_url.value != new.redis_url.value, "fleet.redis_url");
+            restart(old.key_prefix != new.key_prefix, "fleet.key_prefix");
+            restart(old.ca_file != new.ca_file, "fleet.ca_file");
+        }
+        (None, None) => {}
+    }
     if old_s.shutdown_grace != new_s.shutdown_grace {
         plan.shutdown_grace = Some(new_s.shutdown_grace);
     }
@@ -171,6 +185,17 @@ mod tests {
                 text.push('\n');
             }
         }
+        let fleet: Vec<&str> = extra
+            .lines()
+            .filter_map(|l| l.strip_prefix("fleet:"))
+            .collect();
+        if !fleet.is_empty() {
+            text.push_str("[fleet]\n");
+            for line in fleet {
+                text.push_str(line.trim());
+                text.push('\n');
+            }
+        }
         for (i, name) in names.iter().enumerate() {
             let port = 8081
                 + ["oms", "wms", "billing"]
@@ -264,6 +289,40 @@ mod tests {
                 new: config(&["oms"], "server:log_format = \"json\""),
                 restart: &["server.log_format changed"],
                 live: &[],
+            },
+            Case {
+                what: "[fleet] added: needs a restart; the members' settings change live",
+                running: config(&["oms"], ""),
+                new: config(&["oms"], "fleet:redis_url = \"redis://127.0.0.1:6379\""),
+                restart: &["[fleet] changed"],
+                live: &["oms"],
+            },
+            Case {
+                what: "redis_url and key_prefix need a restart, wait_for_peer applies live",
+                running: config(&["oms"], "fleet:redis_url = \"redis://127.0.0.1:6379\""),
+                new: config(
+                    &["oms"],
+                    "fleet:redis_url = \"redis://10.0.0.9:6379\"\nfleet:key_prefix = \"tg\"\nfleet:wait_for_peer = \"1s\"",
+                ),
+                restart: &["fleet.redis_url changed", "fleet.key_prefix changed"],
+                live: &["oms"],
+            },
+            Case {
+                what: "[fleet] removed: members leave live, the connection stays until restart",
+                running: config(&["oms"], "fleet:redis_url = \"redis://127.0.0.1:6379\""),
+                new: config(&["oms"], ""),
+                restart: &["[fleet] was removed"],
+                live: &["oms"],
+            },
+            Case {
+                what: "one integration opts out live",
+                running: config(&["oms", "wms"], "fleet:redis_url = \"redis://127.0.0.1:6379\""),
+                new: config(
+                    &["oms", "wms"],
+                    "fleet:redis_url = \"redis://127.0.0.1:6379\"\nwms: fleet = false",
+                ),
+                restart: &[],
+                live: &["wms"],
             },
         ];
         for case in &cases {

@@ -38,7 +38,7 @@ mod secret;
 mod validate;
 
 pub use egress::{no_proxy_match, proxy_name, Egress, EgressRule, ProxyEnv};
-pub use raw::{parse_size, INTEGRATION_KEYS, SERVER_KEYS};
+pub use raw::{parse_size, FLEET_KEYS, INTEGRATION_KEYS, SERVER_KEYS};
 pub use secret::{ResolvedSecret, Secret, SecretSource};
 
 use diagnose::process_user;
@@ -71,6 +71,39 @@ const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_REPLAY_BODY: u64 = 1024 * 1024;
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+const DEFAULT_KEY_PREFIX: &str = "tokengate";
+const DEFAULT_WAIT_FOR_PEER: Duration = Duration::from_secs(3);
+
+/// `[fleet]`: the Redis that replicas holding one app share their token through. Only
+/// `wait_for_peer` and `on_unavailable` (copied into each member's [`FleetSettings`]) apply
+/// live; the connection needs a restart.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fleet {
+    /// `redis://` or `rediss://`; may carry a password, so it is a secret.
+    pub redis_url: ResolvedSecret,
+    pub ca_file: Option<PathBuf>,
+    pub key_prefix: String,
+}
+
+/// What Redis being unreachable near expiry means for an integration in the fleet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnUnavailable {
+    /// Fetch alone (counted) in the last 10 % of the token's life.
+    FetchLocally,
+    /// Stay with no token and go unready: for servers that revoke the previous token on each
+    /// issue, where a local fetch would revoke the fleet's token.
+    Hold,
+}
+
+/// One integration's membership of the fleet; part of [`TokenSettings`], so a reload changes
+/// it live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FleetSettings {
+    /// `fleet_id`, or a hash of what makes two integrations the same app and token.
+    pub id: String,
+    pub wait_for_peer: Duration,
+    pub on_unavailable: OnUnavailable,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
@@ -232,6 +265,8 @@ pub struct TokenSettings {
     pub assume_lifetime: Duration,
     pub timeout: Duration,
     pub ca_file: Option<PathBuf>,
+    /// `None`: this integration fetches its own tokens.
+    pub fleet: Option<FleetSettings>,
 }
 
 /// What the proxy needs; all of it applies live on reload.
@@ -261,6 +296,8 @@ pub struct Config {
     /// The file it was loaded from (for messages and reload).
     pub path: PathBuf,
     pub server: Server,
+    /// `[fleet]`, when present.
+    pub fleet: Option<Fleet>,
     pub integrations: Vec<Integration>,
     /// Non-fatal findings (literal secrets, non-loopback listeners allowed, plain http, ...),
     /// logged at start and printed by `check`.

@@ -48,6 +48,17 @@ pub const INTEGRATION_KEYS: &[&str] = &[
     "connect_timeout",
     "request_timeout",
     "ca_file",
+    "fleet",
+    "fleet_id",
+];
+
+/// Every key `[fleet]` accepts.
+pub const FLEET_KEYS: &[&str] = &[
+    "redis_url",
+    "ca_file",
+    "key_prefix",
+    "wait_for_peer",
+    "on_unavailable",
 ];
 
 /// Every leaf: optional (see above) and spanned, so validation can point at where it was
@@ -58,6 +69,7 @@ pub(super) type Opt<T> = Option<Spanned<T>>;
 #[serde(deny_unknown_fields)]
 pub(super) struct RawFile {
     pub(super) server: Option<RawServer>,
+    pub(super) fleet: Option<Spanned<RawFleet>>,
     pub(super) defaults: Option<RawSettings>,
     pub(super) integration: Option<Vec<Spanned<RawSettings>>>,
 }
@@ -72,6 +84,16 @@ pub(super) struct RawServer {
     pub(super) header_read_timeout: Opt<String>,
     pub(super) egress_proxy: Opt<String>,
     pub(super) egress_proxy_auth: Opt<RawSecret>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFleet {
+    pub(super) redis_url: Opt<RawSecret>,
+    pub(super) ca_file: Opt<String>,
+    pub(super) key_prefix: Opt<String>,
+    pub(super) wait_for_peer: Opt<String>,
+    pub(super) on_unavailable: Opt<String>,
 }
 
 /// One `[[integration]]` table, and also `[defaults]` (which must not set `name`/`listen`;
@@ -99,6 +121,8 @@ pub(super) struct RawSettings {
     pub(super) connect_timeout: Opt<String>,
     pub(super) request_timeout: Opt<String>,
     pub(super) ca_file: Opt<String>,
+    pub(super) fleet: Opt<bool>,
+    pub(super) fleet_id: Opt<String>,
 }
 
 /// A secret as written. Deserialized by hand: an untagged enum would fail with serde's

@@ -6,6 +6,7 @@
 //! background task that decides when to call it.
 
 pub mod client;
+pub mod fleet;
 pub mod refresher;
 
 use std::fmt;
@@ -45,6 +46,30 @@ impl Token {
             lifetime,
             expires_at_wall: SystemTime::now() + lifetime,
         })
+    }
+
+    /// A peer's token, fetched `lifetime - remaining` ago: its age counts from then, so a
+    /// 401 for it is judged early or not as for a token fetched here.
+    pub fn adopted(
+        access_token: &str,
+        generation: u64,
+        lifetime: Duration,
+        remaining: Duration,
+    ) -> Option<Token> {
+        let mut token = Token::new(access_token, generation, remaining)?;
+        let age = lifetime.saturating_sub(remaining);
+        token.obtained_at = token
+            .obtained_at
+            .checked_sub(age)
+            .unwrap_or(token.obtained_at);
+        token.lifetime = lifetime.max(remaining);
+        Some(token)
+    }
+
+    /// The token itself, for sealing it into a fleet entry (never for logs).
+    pub(crate) fn access_token(&self) -> &str {
+        // Invariant: built from "Bearer " + a &str, so the rest is valid UTF-8.
+        std::str::from_utf8(self.header.as_bytes().get(7..).unwrap_or_default()).unwrap_or_default()
     }
 
     pub fn header(&self) -> &HeaderValue {
@@ -97,6 +122,18 @@ pub struct Status {
     pub consecutive_failures: u32,
     /// Set while tokens keep being revoked soon after issue (revocation thrash).
     pub warning: Option<String>,
+    /// Fleet mode: what `/status` shows of this integration's part in the fleet.
+    pub fleet: Option<FleetStatus>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct FleetStatus {
+    pub id: String,
+    pub redis_up: bool,
+    /// The fleet generation of the token held.
+    pub generation: u64,
+    /// The process that fetched the token held (`host/pid/random`).
+    pub last_fetch_by: Option<String>,
 }
 
 /// Why a forced refresh after a 401 did or did not produce a token to replay with.

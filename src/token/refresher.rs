@@ -9,6 +9,10 @@
 //! a call, whatever the token's age. Tokens revoked again and again soon after issue
 //! (revocation thrash) are named in the log and `/status`, never punished with a longer wait.
 //!
+//! In fleet mode the same driver runs the fleet protocol ([`super::fleet::protocol`]) instead
+//! of fetching directly: each attempt may adopt a peer's token, and peers' announcements and
+//! the store coming back are events too.
+//!
 //! Like linkerd's identity client: the old credential stays until a new one is in hand. The
 //! task only decides *when*; [`super::client`] does the exchange and the proxy only reads the
 //! [`TokenHandle`]. The task is a [`Driver`] (the state, one handler per event) and a loop
@@ -19,15 +23,19 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, error, info, warn};
 
 use super::client::{FetchError, Issued, TokenClient};
-use super::{ForceOutcome, ForceRequest, Token, TokenHandle};
+use super::fleet::protocol::{self, Held, Member, Need, Outcome, Via};
+use super::fleet::Hub;
+use super::{FleetStatus, ForceOutcome, ForceRequest, Token, TokenHandle};
 use crate::config::{SecretSource, TokenSettings};
 use crate::shutdown::Shutdown;
-use crate::telemetry::{IntegrationMetrics, Trigger};
+use crate::telemetry::{FleetMetrics, IntegrationMetrics, Metrics, Trigger};
 
 /// Scheduled refreshes (and retries) are never closer together than this.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
@@ -178,7 +186,29 @@ pub fn forced_fetch_at(
     floor.max(retry_at.unwrap_or(now)).max(now)
 }
 
-type Fetch = Pin<Box<dyn Future<Output = (Result<Issued, FetchError>, Duration)> + Send>>;
+/// What one attempt ended with: a plain fetch, or a round of the fleet protocol.
+enum Attempted {
+    Plain(Result<Issued, FetchError>),
+    Fleet(Outcome),
+}
+
+type Fetch = Pin<Box<dyn Future<Output = Attempted> + Send>>;
+
+/// The lifetime a response gives its token (capped, so `Instant` arithmetic cannot overflow).
+fn lifetime_of(issued: &Issued, settings: &TokenSettings) -> Duration {
+    issued
+        .expires_in
+        .unwrap_or(settings.assume_lifetime)
+        .min(super::client::MAX_LIFETIME)
+}
+
+/// What a refresher needs to be a fleet member: the process's hub and the registry its
+/// fleet series live in.
+#[derive(Clone)]
+pub struct FleetContext {
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+}
 
 /// What needs changing when new settings arrive.
 fn needs_new_token(old: &TokenSettings, new: &TokenSettings) -> bool {
@@ -200,13 +230,14 @@ pub struct Refresher {
     settings: watch::Receiver<Arc<TokenSettings>>,
     force_rx: mpsc::Receiver<ForceRequest>,
     metrics: Arc<IntegrationMetrics>,
+    fleet: Option<FleetContext>,
 }
 
 /// What the refresher reacts to; [`Driver::next_event`] waits for the first of them.
 enum Event {
     Shutdown,
-    /// The fetch in flight finished.
-    Fetched(Result<Issued, FetchError>, Duration),
+    /// The attempt in flight finished.
+    Fetched(Attempted),
     /// A fetch is due: the scheduled refresh, a retry, or the forced fetch a refused token
     /// is owed once the floor allows it.
     Due,
@@ -218,6 +249,24 @@ enum Event {
     SecretPoll,
     /// The token held has just expired with no successor.
     Expired,
+    /// A peer announced a new generation of this fleet's token.
+    FleetAnnounced,
+    /// The fleet's store became reachable (`true`) or unreachable.
+    FleetUp(bool),
+}
+
+/// This integration's part in the fleet, while it is a member.
+struct Fleet {
+    member: Arc<Member>,
+    metrics: Arc<FleetMetrics>,
+    announced: watch::Receiver<u64>,
+    up: watch::Receiver<bool>,
+    /// The highest announced generation an adoption was attempted for: an announcement whose
+    /// entry does not open is not chased again and again.
+    synced_to: u64,
+    /// Re-read once idle: the store came back while an attempt was in flight.
+    resync: bool,
+    rejected_logged: Arc<AtomicBool>,
 }
 
 /// The refresher's state and one handler per [`Event`].
@@ -244,6 +293,10 @@ struct Driver {
     waiters: Vec<ForceRequest>,
     last_forced: Option<Instant>,
     thrash: Thrash,
+    context: Option<FleetContext>,
+    fleet: Option<Fleet>,
+    /// How the attempt in flight that only looks (no need of a fetch) was prompted.
+    syncing: Option<Via>,
 }
 
 impl Refresher {
@@ -253,6 +306,7 @@ impl Refresher {
         settings: watch::Receiver<Arc<TokenSettings>>,
         force_rx: mpsc::Receiver<ForceRequest>,
         metrics: Arc<IntegrationMetrics>,
+        fleet: Option<FleetContext>,
     ) -> Refresher {
         Refresher {
             name,
@@ -260,6 +314,7 @@ impl Refresher {
             settings,
             force_rx,
             metrics,
+            fleet,
         }
     }
 
@@ -269,12 +324,14 @@ impl Refresher {
         loop {
             match driver.next_event(&mut shutdown).await {
                 Event::Shutdown => break,
-                Event::Fetched(result, took) => driver.on_fetched(result, took),
+                Event::Fetched(attempted) => driver.on_fetched(attempted),
                 Event::Due => driver.on_due(),
                 Event::Refused(req) => driver.on_refused(req),
                 Event::SettingsChanged(new) => driver.on_settings(new),
                 Event::SecretPoll => driver.on_secret_poll().await,
                 Event::Expired => driver.on_expired(),
+                Event::FleetAnnounced => driver.maybe_sync(),
+                Event::FleetUp(up) => driver.on_fleet_up(up),
             }
         }
         debug!(integration = %driver.name, "refresher stopping");
@@ -291,6 +348,7 @@ impl Driver {
             mut settings,
             force_rx,
             metrics,
+            fleet,
         } = r;
         let current = settings.borrow_and_update().clone();
         let mut secret_poll = tokio::time::interval(SECRET_POLL);
@@ -314,7 +372,11 @@ impl Driver {
             waiters: Vec::new(),
             last_forced: None,
             thrash: Thrash::new(now),
+            context: fleet,
+            fleet: None,
+            syncing: None,
         };
+        driver.join_fleet();
         match TokenClient::new(&driver.settings) {
             Ok(c) => driver.client = Some(c),
             Err(e) => {
@@ -355,9 +417,13 @@ impl Driver {
         let wake_at = self.wake_at(now);
         let idle = self.in_flight.is_none();
         let polls_files = watches_files(&self.settings);
+        let (announced, up) = match self.fleet.as_mut() {
+            Some(f) => (Some(&mut f.announced), Some(&mut f.up)),
+            None => (None, None),
+        };
         tokio::select! {
             _ = shutdown.wait() => Event::Shutdown,
-            (result, took) = poll_fetch(&mut self.in_flight) => Event::Fetched(result, took),
+            attempted = poll_fetch(&mut self.in_flight) => Event::Fetched(attempted),
             _ = sleep_until(wake_at), if idle => Event::Due,
             Some(req) = self.force_rx.recv() => Event::Refused(req),
             changed = self.settings_rx.changed(), if self.settings_open => match changed {
@@ -370,6 +436,87 @@ impl Driver {
             },
             _ = self.secret_poll.tick(), if polls_files => Event::SecretPoll,
             _ = sleep_until(expiry.unwrap_or(now)), if expiry.is_some() => Event::Expired,
+            Some(_) = changed(announced) => Event::FleetAnnounced,
+            Some(up) = changed(up) => Event::FleetUp(up),
+        }
+    }
+
+    /// Becomes a fleet member, leaves, or renews the member (a new secret seals differently)
+    /// as the settings say.
+    fn join_fleet(&mut self) {
+        let (Some(context), Some(settings)) = (&self.context, &self.settings.fleet) else {
+            if self.settings.fleet.is_some() {
+                warn!(integration = %self.name, "fleet is set for this integration but [fleet] was not configured when tokengate started; joining the fleet needs a restart");
+            }
+            self.fleet = None;
+            self.handle.lock_status().fleet = None;
+            return;
+        };
+        let member = Arc::new(context.hub.member(&self.settings, settings));
+        let up = context.hub.up();
+        let redis_up = *up.borrow();
+        let mut announced = member.notified.clone();
+        announced.mark_unchanged();
+        let metrics = context.metrics.fleet(&self.name);
+        let (synced_to, rejected_logged) = match self.fleet.take() {
+            Some(old) if old.member.id == member.id => (old.synced_to, old.rejected_logged),
+            _ => (0, Arc::new(AtomicBool::new(false))),
+        };
+        {
+            let mut status = self.handle.lock_status();
+            let previous = status.fleet.take().filter(|f| f.id == member.id);
+            status.fleet = Some(FleetStatus {
+                id: member.id.clone(),
+                redis_up,
+                ..previous.unwrap_or_default()
+            });
+        }
+        self.fleet = Some(Fleet {
+            member,
+            metrics,
+            announced,
+            up,
+            synced_to,
+            resync: false,
+            rejected_logged,
+        });
+    }
+
+    /// Adopts a peer's newer token when one was announced and nothing is in flight.
+    fn maybe_sync(&mut self) {
+        if self.in_flight.is_some() {
+            return;
+        }
+        let held = self.handle.held().map_or(0, |t| t.generation);
+        let Some(fleet) = &mut self.fleet else {
+            return;
+        };
+        let announced = *fleet.announced.borrow_and_update();
+        let via = if announced > held && announced > fleet.synced_to {
+            fleet.synced_to = announced;
+            Via::Notification
+        } else if fleet.resync {
+            Via::Read
+        } else {
+            return;
+        };
+        fleet.resync = false;
+        self.syncing = Some(via);
+        self.start_fetch(self.next_trigger);
+    }
+
+    fn on_fleet_up(&mut self, up: bool) {
+        let Some(fleet) = &mut self.fleet else {
+            return;
+        };
+        if let Some(status) = self.handle.lock_status().fleet.as_mut() {
+            status.redis_up = up;
+        }
+        if up {
+            // Notifications sent while the connection was down are lost: look, and give a
+            // store that came back empty the token held.
+            fleet.resync = true;
+            self.maybe_sync();
         }
     }
 
@@ -382,19 +529,64 @@ impl Driver {
             self.failed_attempt_finished();
             return;
         };
-        if trigger == Trigger::Unauthorized {
+        let syncing = self.syncing.is_some();
+        if trigger == Trigger::Unauthorized && !syncing {
             self.last_forced = Some(Instant::now());
         }
         self.handle.lock_status().fetching = true;
         let settings = self.settings.clone();
-        self.in_flight = Some((
-            Box::pin(async move {
-                let started = Instant::now();
-                let result = client.fetch(&settings).await;
-                (result, started.elapsed())
-            }),
-            trigger,
-        ));
+        let metrics = self.metrics.clone();
+        let fetch = move || async move {
+            let started = Instant::now();
+            let result = client.fetch(&settings).await;
+            metrics
+                .fetch_duration
+                .observe(started.elapsed().as_secs_f64());
+            result.map(|issued| {
+                let lifetime = lifetime_of(&issued, &settings);
+                (issued, lifetime)
+            })
+        };
+        let Some(fleet) = &self.fleet else {
+            let attempt = async move { Attempted::Plain(fetch().await.map(|(issued, _)| issued)) };
+            self.in_flight = Some((Box::pin(attempt), trigger));
+            return;
+        };
+        let now = Instant::now();
+        let held = self.handle.held().filter(|t| t.is_valid_at(now));
+        let need = match trigger {
+            _ if syncing => Need::Sync,
+            Trigger::Unauthorized => Need::Refused(
+                self.refused
+                    .unwrap_or_else(|| held.as_ref().map_or(0, |t| t.generation)),
+            ),
+            Trigger::Startup if held.is_none() => Need::Startup,
+            Trigger::Startup | Trigger::Scheduled => Need::Scheduled,
+            Trigger::CredentialsChanged => Need::Credentials,
+        };
+        let held = held.map(|t| Held {
+            generation: t.generation,
+            lifetime: t.lifetime,
+            remaining: t.expires_at.saturating_duration_since(now),
+            token: Arc::from(t.access_token()),
+        });
+        let member = fleet.member.clone();
+        let fleet_metrics = fleet.metrics.clone();
+        let rejected_logged = fleet.rejected_logged.clone();
+        let name = self.name.clone();
+        let report = move |event: protocol::Event| match event {
+            protocol::Event::Claim(result) => fleet_metrics.claim(trigger, result as usize),
+            protocol::Event::Rejected(why) => {
+                fleet_metrics.rejected(why);
+                if !rejected_logged.swap(true, Ordering::Relaxed) {
+                    warn!(integration = %name, why, "the fleet entry in Redis does not open (sealed under another client secret, forged, or not written by tokengate); it is ignored and never used (logged once)");
+                }
+            }
+            protocol::Event::BackendDown(_) | protocol::Event::BackendUp => {}
+        };
+        let attempt =
+            async move { Attempted::Fleet(member.acquire(need, held, &report, fetch).await) };
+        self.in_flight = Some((Box::pin(attempt), trigger));
     }
 
     /// Updates the status after an attempt that did not run, and answers the waiters that
@@ -409,44 +601,48 @@ impl Driver {
         self.answer_hopeless_waiters("no token client could be built");
     }
 
-    fn on_fetched(&mut self, result: Result<Issued, FetchError>, took: Duration) {
+    fn on_fetched(&mut self, attempted: Attempted) {
         let trigger = self.in_flight.take().map_or(self.next_trigger, |(_, t)| t);
-        self.metrics.fetch_duration.observe(took.as_secs_f64());
-        match result {
-            Ok(issued) => {
-                self.failures = 0;
-                let lifetime = self.accept(issued, trigger);
-                self.next_at = Instant::now()
-                    + refresh_delay(
-                        lifetime,
-                        self.settings.refresh_at,
-                        fastrand::f64() * 2.0 - 1.0,
-                    );
-                self.next_trigger = Trigger::Scheduled;
-                if trigger == Trigger::Scheduled && self.thrash.calm(Instant::now()) {
-                    // Tokens live to their scheduled refresh again: whatever thrashed stopped.
-                    self.handle.lock_status().warning = None;
+        let via = self.syncing.take();
+        match attempted {
+            Attempted::Plain(Ok(issued)) => {
+                let lifetime = self.accept(issued, trigger, None);
+                self.obtained(lifetime, trigger);
+            }
+            Attempted::Plain(Err(e)) | Attempted::Fleet(Outcome::Failed(e)) => {
+                self.failed(e, trigger)
+            }
+            Attempted::Fleet(Outcome::Fetched {
+                issued,
+                generation,
+                local,
+            }) => {
+                if local {
+                    if let Some(fleet) = &self.fleet {
+                        fleet.metrics.local_fetches.inc();
+                    }
+                    warn!(integration = %self.name, "fetched a token alone: the fleet's Redis is unreachable (on_unavailable = \"fetch_locally\")");
                 }
-                // Whatever was refused, this fetch answers it: a token it hands back unchanged
-                // is refused again by the next request, which asks again.
-                self.refused = None;
-                for w in self.waiters.drain(..) {
-                    let _ = w.reply.send(outcome(&self.handle, w.generation));
+                let lifetime = self.accept(issued, trigger, Some(generation));
+                self.obtained(lifetime, trigger);
+            }
+            Attempted::Fleet(Outcome::Adopted {
+                token,
+                generation,
+                lifetime,
+                remaining,
+                by,
+            }) => {
+                let via = via.unwrap_or(Via::Read);
+                if self.adopt(&token, generation, lifetime, remaining, by, via) {
+                    self.obtained(lifetime, trigger);
                 }
             }
-            Err(e) => {
-                self.failures += 1;
-                let delay = backoff(self.failures, fastrand::f64())
-                    .max(e.retry_after().unwrap_or_default());
-                self.next_at = Instant::now() + delay;
-                if trigger == Trigger::Unauthorized {
-                    // Retrying a forced fetch is a forced fetch: the floor holds for it too.
-                    self.next_at = forced_fetch_at(self.next_at, self.last_forced, None);
-                }
-                // A retry keeps the trigger of what it retries.
-                self.next_trigger = trigger;
-                self.fail(&e, trigger, delay);
-            }
+            Attempted::Fleet(Outcome::Unchanged {
+                retry_in,
+                why,
+                give_up,
+            }) => self.unchanged(trigger, retry_in, why, give_up),
         }
         {
             let mut status = self.handle.lock_status();
@@ -455,6 +651,78 @@ impl Driver {
         }
         self.handle.attempt_finished();
         self.answer_hopeless_waiters("the new token request failed");
+        self.maybe_sync();
+    }
+
+    /// A token is held (fetched or adopted): plan the next refresh and answer the 401s.
+    fn obtained(&mut self, lifetime: Duration, trigger: Trigger) {
+        self.failures = 0;
+        let now = Instant::now();
+        let obtained_at = self.handle.held().map_or(now, |t| t.obtained_at);
+        // In a fleet the jitter only delays, so the member that wakes first fetches and the
+        // others find its token; alone it spreads sidecars started together both ways.
+        let jitter = match self.fleet {
+            Some(_) => fastrand::f64(),
+            None => fastrand::f64() * 2.0 - 1.0,
+        };
+        self.next_at =
+            (obtained_at + refresh_delay(lifetime, self.settings.refresh_at, jitter)).max(now);
+        self.next_trigger = Trigger::Scheduled;
+        if trigger == Trigger::Scheduled && self.thrash.calm(now) {
+            // Tokens live to their scheduled refresh again: whatever thrashed stopped.
+            self.handle.lock_status().warning = None;
+        }
+        // Whatever was refused, this token answers it: one handed back unchanged is refused
+        // again by the next request, which asks again.
+        self.refused = None;
+        for w in self.waiters.drain(..) {
+            let _ = w.reply.send(outcome(&self.handle, w.generation));
+        }
+    }
+
+    fn failed(&mut self, e: FetchError, trigger: Trigger) {
+        self.failures += 1;
+        let delay =
+            backoff(self.failures, fastrand::f64()).max(e.retry_after().unwrap_or_default());
+        self.next_at = Instant::now() + delay;
+        if trigger == Trigger::Unauthorized {
+            // Retrying a forced fetch is a forced fetch: the floor holds for it too.
+            self.next_at = forced_fetch_at(self.next_at, self.last_forced, None);
+        }
+        // A retry keeps the trigger of what it retries.
+        self.next_trigger = trigger;
+        self.fail(&e, trigger, delay);
+    }
+
+    /// The fleet neither had nor fetched a token for this attempt (a peer holds the claim or
+    /// forced a fetch within the floor, or Redis is unreachable and the token held is kept).
+    fn unchanged(
+        &mut self,
+        trigger: Trigger,
+        retry_in: Option<Duration>,
+        why: Option<String>,
+        give_up: bool,
+    ) {
+        if let Some(retry_in) = retry_in {
+            self.next_at = Instant::now() + retry_in;
+            self.next_trigger = trigger;
+        }
+        let Some(why) = why else {
+            return;
+        };
+        debug!(integration = %self.name, reason = %why, "no new token from the fleet this time");
+        if self.handle.current().is_none() {
+            let mut status = self.handle.lock_status();
+            status.last_error = Some(why.clone());
+            status.last_error_at = Some(SystemTime::now());
+        }
+        if give_up {
+            // `hold`: a 401 while Redis is unreachable goes back to the client.
+            self.refused = None;
+            for w in self.waiters.drain(..) {
+                let _ = w.reply.send(ForceOutcome::NotRefreshed(why.clone()));
+            }
+        }
     }
 
     fn on_due(&mut self) {
@@ -588,14 +856,11 @@ impl Driver {
     }
 
     /// Installs a new token; returns the lifetime the next refresh is planned from.
-    fn accept(&self, issued: Issued, trigger: Trigger) -> Duration {
+    /// `generation` is the fleet's for the token (fleet mode); alone it counts up here.
+    fn accept(&self, issued: Issued, trigger: Trigger, generation: Option<u64>) -> Duration {
         let name = &self.name;
         let settings = &self.settings;
-        // The cap keeps a configured assume_lifetime of centuries from overflowing Instant.
-        let lifetime = issued
-            .expires_in
-            .unwrap_or(settings.assume_lifetime)
-            .min(super::client::MAX_LIFETIME);
+        let lifetime = lifetime_of(&issued, settings);
         if issued.capped {
             warn!(integration = %name, "token endpoint sent an expires_in over 24 h; treating it as 24 h");
         }
@@ -609,10 +874,13 @@ impl Driver {
         let token = match held {
             Some(old) if old.carries(issued.access_token.expose()) => {
                 debug!(integration = %name, "token endpoint handed back the token already held; using its new lifetime");
-                old.renewed(lifetime)
+                let mut renewed = old.renewed(lifetime);
+                renewed.generation = generation.unwrap_or(renewed.generation);
+                renewed
             }
             other => {
-                let generation = other.map(|t| t.generation + 1).unwrap_or(1);
+                let generation =
+                    generation.unwrap_or_else(|| other.map(|t| t.generation + 1).unwrap_or(1));
                 match Token::new(issued.access_token.expose(), generation, lifetime) {
                     Some(t) => t,
                     // client.rs refuses such tokens already; this keeps the invariant local.
@@ -621,22 +889,9 @@ impl Driver {
             }
         };
         let expires_wall = token.expires_at_wall;
-        self.handle.store(token);
-        {
-            let mut status = self.handle.lock_status();
-            status.last_refresh = Some(SystemTime::now());
-            status.last_error = None;
-            status.last_error_at = None;
-            status.consecutive_failures = 0;
-        }
+        let by = self.fleet.as_ref().map(|f| f.member.holder.to_string());
+        self.install(token, by);
         self.metrics.refresh(trigger, true);
-        self.metrics.valid.set(1);
-        self.metrics.expiry.set(
-            expires_wall
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0),
-        );
         info!(
             integration = %name,
             trigger = trigger.as_str(),
@@ -645,6 +900,64 @@ impl Driver {
             "token obtained"
         );
         lifetime
+    }
+
+    /// Makes `token` the one requests use, and says so in `/status` and the metrics.
+    fn install(&self, token: Token, fetched_by: Option<String>) {
+        let expires_wall = token.expires_at_wall;
+        let generation = token.generation;
+        self.handle.store(token);
+        {
+            let mut status = self.handle.lock_status();
+            status.last_refresh = Some(SystemTime::now());
+            status.last_error = None;
+            status.last_error_at = None;
+            status.consecutive_failures = 0;
+            if let Some(fleet) = status.fleet.as_mut() {
+                fleet.generation = generation;
+                fleet.last_fetch_by = fetched_by;
+            }
+        }
+        if let Some(fleet) = &self.fleet {
+            fleet.metrics.generation.set(generation as i64);
+        }
+        self.metrics.valid.set(1);
+        self.metrics.expiry.set(
+            expires_wall
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+        );
+    }
+
+    /// Takes a peer's token; `false` when it cannot be a header (never installed).
+    fn adopt(
+        &self,
+        token: &str,
+        generation: u64,
+        lifetime: Duration,
+        remaining: Duration,
+        by: String,
+        via: Via,
+    ) -> bool {
+        let Some(token) = Token::adopted(token, generation, lifetime, remaining) else {
+            warn!(integration = %self.name, "the fleet's token cannot be an HTTP header value; ignoring it");
+            return false;
+        };
+        let expires_wall = token.expires_at_wall;
+        if let Some(fleet) = &self.fleet {
+            fleet.metrics.adopted(via as usize);
+        }
+        info!(
+            integration = %self.name,
+            generation,
+            fetched_by = %by,
+            via = match via { Via::Notification => "notification", Via::Read => "read" },
+            expires_at = %humantime::format_rfc3339_seconds(expires_wall),
+            "token adopted from the fleet"
+        );
+        self.install(token, Some(by));
+        true
     }
 
     fn fail(&self, e: &FetchError, trigger: Trigger, retry_in: Duration) {
@@ -700,9 +1013,19 @@ fn outcome(handle: &TokenHandle, generation: u64) -> ForceOutcome {
     }
 }
 
-async fn poll_fetch(
-    in_flight: &mut Option<(Fetch, Trigger)>,
-) -> (Result<Issued, FetchError>, Duration) {
+/// Resolves when the watched value changes; never when there is nothing to watch or its
+/// sender is gone.
+async fn changed<T: Clone>(rx: Option<&mut watch::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => Some(rx.borrow_and_update().clone()),
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+async fn poll_fetch(in_flight: &mut Option<(Fetch, Trigger)>) -> Attempted {
     match in_flight {
         Some((fetch, _)) => fetch.await,
         None => std::future::pending().await,

@@ -9,6 +9,7 @@
 
 pub mod egress_proxy;
 pub mod process;
+pub mod redis;
 
 use std::net::SocketAddr;
 use std::path::Path;
