@@ -98,3 +98,287 @@ async fn replicas_on_a_revoking_server_share_one_token_and_fetch_once_per_period
         tg.stop().await;
     }
 }
+
+async fn fleet_of(n: usize, toml: &str) -> Vec<Tg> {
+    let mut members = Vec::new();
+    for _ in 0..n {
+        let tg = support::start_toml(toml).await;
+        tg.ready().await;
+        members.push(tg);
+    }
+    members
+}
+
+async fn stop_all(members: Vec<Tg>) {
+    for tg in members {
+        tg.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_revocation_mid_run_costs_one_fetch_fleet_wide_and_every_member_adopts_it() {
+    let redis = Redis::start().await;
+    let hub = support::hub().await;
+    hub.set_revoke_on_issue(true);
+    let members = fleet_of(4, &fleet_toml(&hub, &redis, "")).await;
+    assert_eq!(hub.token_request_count(), 1);
+    let client = support::client();
+    for tg in &members {
+        assert_eq!(
+            client.get(tg.url("/v2/a")).send().await.unwrap().status(),
+            200
+        );
+    }
+    hub.revoke_all();
+    // Every member meets the revoked token at once: one forced fetch for all of them.
+    let calls = members.iter().map(|tg| client.get(tg.url("/v2/b")).send());
+    for res in futures_util::future::join_all(calls).await {
+        assert_eq!(
+            res.unwrap().status(),
+            200,
+            "replayed with the fleet's new token"
+        );
+    }
+    assert_eq!(
+        hub.token_request_count(),
+        2,
+        "one fetch for the whole fleet"
+    );
+    let revoked_at = Instant::now();
+    for tg in &members {
+        eventually(
+            "each member holds generation 2",
+            Duration::from_secs(1),
+            || async { (generation(tg).await == 2).then_some(()) },
+        )
+        .await;
+    }
+    assert!(revoked_at.elapsed() < Duration::from_secs(1));
+    let adopted: f64 = {
+        let mut sum = 0.0;
+        for tg in &members {
+            sum += tg
+                .metric(
+                    "tokengate_fleet_adoptions_total",
+                    &[("via", "notification")],
+                )
+                .await
+                + tg.metric("tokengate_fleet_adoptions_total", &[("via", "read")])
+                    .await;
+        }
+        sum
+    };
+    // Three adopted at start and three after the revocation.
+    assert_eq!(adopted, 6.0);
+    stop_all(members).await;
+}
+
+#[tokio::test]
+async fn a_claimer_that_died_is_taken_over_by_one_member() {
+    let redis = Redis::start().await;
+    let hub = support::hub().await;
+    // A claim held by a process that died mid-fetch, for a minute.
+    redis
+        .cmd(&[
+            "SET",
+            "tokengate:{shared}:claim",
+            "ghost/1/dead",
+            "PX",
+            "60000",
+        ])
+        .await
+        .unwrap();
+    let toml = fleet_toml(&hub, &redis, "").replace("[fleet]", "fleet_id = \"shared\"\n[fleet]");
+    let members: Vec<Tg> =
+        futures_util::future::join_all((0..5).map(|_| support::start_toml(&toml))).await;
+    for tg in &members {
+        tg.ready().await;
+    }
+    // After wait_for_peer one member took the claim over and fetched; the others adopted.
+    assert_eq!(hub.token_request_count(), 1);
+    stop_all(members).await;
+}
+
+#[tokio::test]
+async fn junk_and_forged_entries_are_rejected_and_never_injected() {
+    let redis = Redis::start().await;
+    let hub = support::hub().await;
+    let toml = fleet_toml(&hub, &redis, "").replace("[fleet]", "fleet_id = \"shared\"\n[fleet]");
+    let key = "tokengate:{shared}:entry";
+    // Forged: a plausible entry whose seal was not made with the client secret.
+    redis
+        .cmd(&[
+            "HSET",
+            key,
+            "gen",
+            "41",
+            "life",
+            "60000",
+            "sealed",
+            "forged-token-in-clear",
+            "by",
+            "evil",
+        ])
+        .await
+        .unwrap();
+    redis.cmd(&["PEXPIRE", key, "60000"]).await.unwrap();
+    let tg = support::start_toml(&toml).await;
+    tg.ready().await;
+    assert_eq!(
+        tg.metric(
+            "tokengate_fleet_entries_rejected_total",
+            &[("why", "unseal_failed")]
+        )
+        .await,
+        1.0
+    );
+    // It fetched and published on top of the forged generation.
+    assert_eq!(hub.token_request_count(), 1);
+    assert_eq!(generation(&tg).await, 42);
+    let client = support::client();
+    assert_eq!(
+        client.get(tg.url("/v2/x")).send().await.unwrap().status(),
+        200
+    );
+    let sent = hub.api_requests();
+    let auth = sent.last().unwrap().headers["authorization"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(auth, format!("Bearer {}", hub.issued_tokens()[0]));
+
+    // Junk: not even a number.
+    redis.cmd(&["DEL", key]).await.unwrap();
+    redis
+        .cmd(&["HSET", key, "gen", "lots", "sealed", "x"])
+        .await
+        .unwrap();
+    let second = support::start_toml(&toml).await;
+    second.ready().await;
+    assert_eq!(
+        second
+            .metric(
+                "tokengate_fleet_entries_rejected_total",
+                &[("why", "malformed")]
+            )
+            .await,
+        1.0
+    );
+    assert_eq!(
+        client
+            .get(second.url("/v2/y"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    tg.stop().await;
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn redis_lost_and_restarted_empty_keeps_serving_and_converges_without_a_fetch() {
+    let mut redis = Redis::start().await;
+    let hub = support::hub().await;
+    let members = fleet_of(2, &fleet_toml(&hub, &redis, "")).await;
+    let client = support::client();
+    assert_eq!(hub.token_request_count(), 1);
+    redis.kill();
+    for tg in &members {
+        support::wait_sample(tg, "tokengate_fleet_redis_up", &[], 0.0).await;
+        assert_eq!(
+            client.get(tg.url("/v2/a")).send().await.unwrap().status(),
+            200
+        );
+        assert_eq!(
+            tg.readyz().await.0,
+            200,
+            "Redis never decides readiness while a token is held"
+        );
+    }
+    redis.restart().await;
+    for tg in &members {
+        support::wait_sample(tg, "tokengate_fleet_redis_up", &[], 1.0).await;
+    }
+    // The held token is written back (the entry reappears); a new member adopts it, and
+    // nobody fetched.
+    eventually("the entry written back", Duration::from_secs(5), || async {
+        let keys = redis.cmd(&["KEYS", "*:entry"]).await.unwrap_or_default();
+        keys.contains("entry").then_some(())
+    })
+    .await;
+    let late = support::start_toml(&fleet_toml(&hub, &redis, "")).await;
+    late.ready().await;
+    assert_eq!(hub.token_request_count(), 1);
+    assert_eq!(generation(&late).await, 1);
+    late.stop().await;
+    stop_all(members).await;
+}
+
+#[tokio::test]
+async fn without_redis_at_start_fetch_locally_serves_and_hold_stays_unready_naming_why() {
+    let hub = support::hub().await;
+    let nowhere = support::closed_port().await;
+    let base = format!(
+        "{}\n[fleet]\nredis_url = \"redis://{nowhere}\"\n",
+        support::toml_for(&hub, "")
+    );
+    let local = support::start_toml(&base).await;
+    local.ready().await;
+    assert_eq!(
+        local
+            .metric("tokengate_fleet_local_fetches_total", &[])
+            .await,
+        1.0
+    );
+    assert_eq!(
+        support::client()
+            .get(local.url("/v2/a"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let held = support::start_toml(&format!("{base}on_unavailable = \"hold\"\n")).await;
+    let (code, body) = eventually(
+        "hold reports why it has no token",
+        Duration::from_secs(10),
+        || async {
+            let (code, body) = held.readyz().await;
+            body.to_string()
+                .contains("unreachable")
+                .then_some((code, body))
+        },
+    )
+    .await;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(hub.token_request_count(), 1, "hold fetched nothing");
+    local.stop().await;
+    held.stop().await;
+}
+
+#[tokio::test]
+async fn a_wrong_redis_password_is_named() {
+    let redis = Redis::start().await;
+    redis
+        .cmd(&["CONFIG", "SET", "requirepass", "right"])
+        .await
+        .unwrap();
+    let hub = support::hub().await;
+    let url = redis.url().replace("redis://", "redis://:wrong@");
+    let toml = format!(
+        "{}\n[fleet]\nredis_url = \"{url}\"\non_unavailable = \"hold\"\n",
+        support::toml_for(&hub, "")
+    );
+    let tg = support::start_toml(&toml).await;
+    let body = eventually("the readiness reason", Duration::from_secs(10), || async {
+        let body = tg.readyz().await.1.to_string();
+        body.contains("fleet.redis_url").then_some(body)
+    })
+    .await;
+    assert!(body.contains("credentials"), "{body}");
+    assert!(!body.contains("wrong"), "the password stays out: {body}");
+    tg.stop().await;
+}

@@ -23,7 +23,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
@@ -267,6 +267,8 @@ struct Fleet {
     /// Re-read once idle: the store came back while an attempt was in flight.
     resync: bool,
     rejected_logged: Arc<AtomicBool>,
+    /// The entry last counted as rejected (generation + 1).
+    last_rejected: Arc<AtomicU64>,
 }
 
 /// The refresher's state and one handler per [`Event`].
@@ -479,6 +481,7 @@ impl Driver {
             synced_to,
             resync: false,
             rejected_logged,
+            last_rejected: Arc::new(AtomicU64::new(0)),
         });
     }
 
@@ -573,10 +576,15 @@ impl Driver {
         let member = fleet.member.clone();
         let fleet_metrics = fleet.metrics.clone();
         let rejected_logged = fleet.rejected_logged.clone();
+        let last_rejected = fleet.last_rejected.clone();
         let name = self.name.clone();
         let report = move |event: protocol::Event| match event {
             protocol::Event::Claim(result) => fleet_metrics.claim(trigger, result as usize),
-            protocol::Event::Rejected(why) => {
+            protocol::Event::Rejected(why, generation) => {
+                // Generation + 1, so that a junk entry (generation 0) counts too.
+                if last_rejected.swap(generation + 1, Ordering::Relaxed) == generation + 1 {
+                    return;
+                }
                 fleet_metrics.rejected(why);
                 if !rejected_logged.swap(true, Ordering::Relaxed) {
                     warn!(integration = %name, why, "the fleet entry in Redis does not open (sealed under another client secret, forged, or not written by tokengate); it is ignored and never used (logged once)");

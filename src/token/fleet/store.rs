@@ -76,23 +76,20 @@ impl std::fmt::Debug for RedisBackend {
 
 /// Says what went wrong without the URL (it may hold a password), and what to check.
 fn describe(e: &redis::RedisError) -> String {
-    let fix = match e.code() {
-        Some("WRONGPASS") | Some("NOAUTH") => {
-            "; Redis refused the credentials: check the user and password in fleet.redis_url"
-        }
-        Some("NOPERM") => {
-            "; the Redis ACL user may not run this: allow it the fleet's keys (~<key_prefix>:*), the published channel, and GET SET DEL HGET HMGET HSET PEXPIRE PTTL PUBLISH SUBSCRIBE EVALSHA EVAL PING"
-        }
-        _ if e.is_timeout() => "; Redis did not answer in time",
-        _ if e.is_connection_refusal() => "; nothing listens at fleet.redis_url's host and port",
-        _ => "",
+    let auth = e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("WRONGPASS") | Some("NOAUTH"));
+    let fix = if auth {
+        "; Redis refused the credentials: check the user and password in fleet.redis_url"
+    } else if e.code() == Some("NOPERM") {
+        "; the Redis ACL user lacks a permission: allow it the fleet's keys (~<key_prefix>:*), its channel (&<key_prefix>:*) and the commands listed in the README (Fleet mode, Security)"
+    } else if e.is_timeout() {
+        "; Redis did not answer in time"
+    } else if e.is_connection_refusal() {
+        "; nothing listens at fleet.redis_url's host and port"
+    } else {
+        ""
     };
-    let detail = e.detail().unwrap_or_default();
-    format!(
-        "{:?}{}{detail}{fix}",
-        e.kind(),
-        if detail.is_empty() { "" } else { ": " }
-    )
+    format!("{e}{fix}")
 }
 
 fn err(e: redis::RedisError) -> BackendError {
