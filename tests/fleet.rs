@@ -382,3 +382,222 @@ async fn a_wrong_redis_password_is_named() {
     assert!(!body.contains("wrong"), "the password stays out: {body}");
     tg.stop().await;
 }
+
+/// A tokengate process of the fleet: its proxy and admin ports.
+struct Process {
+    proc: support::process::Proc,
+    proxy: u16,
+    admin: u16,
+}
+
+async fn spawn_process(
+    dir: &std::path::Path,
+    n: usize,
+    hub: &tokengate::standin::Hub,
+    redis: &Redis,
+) -> Process {
+    use support::process::{free_port, Proc};
+    let (proxy, admin) = (free_port(), free_port());
+    let path = dir.join(format!("tokengate-{n}.toml"));
+    let text = format!(
+        "[server]\nadmin_listen = \"127.0.0.1:{admin}\"\nshutdown_grace = \"2s\"\n\n[fleet]\nredis_url = {{ env = \"TG_REDIS\" }}\nwait_for_peer = \"2s\"\n\n[[integration]]\nname = \"oms\"\nlisten = \"127.0.0.1:{proxy}\"\ntoken_url = \"{}\"\nupstream = \"{}\"\nclient_id = \"test-client\"\nclient_secret = {{ env = \"TG_SECRET\" }}\n",
+        hub.token_url(),
+        hub.base_url()
+    );
+    std::fs::write(&path, text).unwrap();
+    let mut command = tokio::process::Command::new(support::process::BIN);
+    command
+        .args(["--config", path.to_str().unwrap()])
+        .env("TOKENGATE_LOG", "info")
+        .env("TG_REDIS", redis.url())
+        .env("TG_SECRET", "test-secret");
+    let mut proc = Proc::start(command);
+    proc.wait_for("admin endpoints").await;
+    let process = Process { proc, proxy, admin };
+    eventually("the process is ready", Duration::from_secs(10), || async {
+        let res = support::client()
+            .get(format!("http://127.0.0.1:{}/readyz", process.admin))
+            .send()
+            .await
+            .ok()?;
+        (res.status() == 200).then_some(())
+    })
+    .await;
+    process
+}
+
+async fn process_generation(p: &Process) -> u64 {
+    let status: serde_json::Value = support::client()
+        .get(format!("http://127.0.0.1:{}/status", p.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    status["integrations"][0]["fleet"]["generation"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn processes_and_members_share_one_token_through_revocations_restarts_and_a_stopped_member() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+
+    let redis = Redis::start().await;
+    let hub = support::hub().await;
+    hub.set_revoke_on_issue(true);
+    hub.set_token_lifetime(Duration::from_secs(6));
+    let dir = tempfile::tempdir().unwrap();
+    let mut processes = Vec::new();
+    for n in 0..3 {
+        processes.push(spawn_process(dir.path(), n, &hub, &redis).await);
+    }
+    let toml = fleet_toml(&hub, &redis, "");
+    let mut members = fleet_of(12, &toml).await;
+    assert_eq!(
+        hub.token_request_count(),
+        1,
+        "everyone after the first adopted"
+    );
+
+    let started = Instant::now();
+    let client = support::client();
+    let mut urls: Vec<String> = processes
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{}/v2/orders", p.proxy))
+        .collect();
+    let (mut calls, mut failed) = (0u32, Vec::new());
+    let call_all = |urls: Vec<String>| {
+        let client = client.clone();
+        async move {
+            let mut out = Vec::new();
+            for url in urls {
+                out.push(match client.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => None,
+                    Ok(r) => Some(format!("{} from {url}", r.status())),
+                    Err(e) => Some(format!("{e} from {url}")),
+                });
+            }
+            out
+        }
+    };
+    let member_urls = |members: &[Tg]| {
+        members
+            .iter()
+            .map(|m| m.url("/v2/orders"))
+            .collect::<Vec<_>>()
+    };
+    let mut fetches_before_revocation = 0;
+    let mut revoked = false;
+    let mut restarted = false;
+    let mut stopped = None;
+    while started.elapsed() < Duration::from_secs(30) {
+        let t = started.elapsed();
+        if t > Duration::from_secs(8) && !revoked {
+            // A revocation mid-run: one fetch for the whole fleet.
+            revoked = true;
+            fetches_before_revocation = hub.token_request_count();
+            hub.revoke_all();
+        }
+        if t > Duration::from_secs(14) && !restarted {
+            // A rolling restart of members: the new ones adopt.
+            restarted = true;
+            let before = hub.token_request_count();
+            for _ in 0..4 {
+                members.remove(0).stop().await;
+                let tg = support::start_toml(&toml).await;
+                tg.ready().await;
+                members.push(tg);
+            }
+            assert!(
+                hub.token_request_count() <= before + 1,
+                "a rolling restart fetches nothing (a scheduled refresh may fall into it)"
+            );
+        }
+        if t > Duration::from_secs(18) && stopped.is_none() {
+            // A process stops answering (SIGSTOP) for longer than a refresh period.
+            let p = &processes[0];
+            kill(
+                Pid::from_raw(p.proc.child.id().unwrap() as i32),
+                Signal::SIGSTOP,
+            )
+            .unwrap();
+            urls.retain(|u| !u.contains(&format!(":{}/", p.proxy)));
+            stopped = Some(Instant::now());
+        }
+        if stopped.is_some_and(|s| s.elapsed() > Duration::from_secs(7)) && urls.len() < 3 {
+            let p = &processes[0];
+            kill(
+                Pid::from_raw(p.proc.child.id().unwrap() as i32),
+                Signal::SIGCONT,
+            )
+            .unwrap();
+            urls.insert(0, format!("http://127.0.0.1:{}/v2/orders", p.proxy));
+        }
+        let mut all = urls.clone();
+        all.extend(member_urls(&members));
+        for f in call_all(all.clone()).await.into_iter().flatten() {
+            failed.push(format!("{f} at {:.1}s", started.elapsed().as_secs_f64()));
+        }
+        calls += all.len() as u32;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if revoked && fetches_before_revocation > 0 && started.elapsed() < Duration::from_secs(9) {
+            assert!(
+                hub.token_request_count() <= fetches_before_revocation + 1,
+                "one fetch per revocation"
+            );
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(
+        failed.is_empty(),
+        "{} of {calls} calls failed: {failed:?}",
+        failed.len()
+    );
+    // One fetch per refresh period (≥ 80 % of 6 s) fleet-wide, the first, the revocation,
+    // and at most one for the stopped process.
+    let fetches = hub.token_request_count() as f64;
+    let bound = 1.0 + (elapsed / 4.8).ceil() + 1.0 + 1.0;
+    assert!(
+        fetches <= bound,
+        "{fetches} token fetches in {elapsed:.0}s (bound {bound}) for {calls} calls"
+    );
+    // Converged: every process and member on one generation.
+    eventually(
+        "one generation everywhere",
+        Duration::from_secs(3),
+        || async {
+            let mut gens = Vec::new();
+            for p in &processes {
+                gens.push(process_generation(p).await);
+            }
+            for m in &members {
+                gens.push(generation(m).await);
+            }
+            gens.iter().all(|g| *g == gens[0] && *g > 1).then_some(())
+        },
+    )
+    .await;
+    // No token or secret in Redis, nor in any process's log.
+    let stored = redis.everything().await;
+    let tokens = hub.issued_tokens();
+    for token in &tokens {
+        assert!(!stored.contains(token.as_str()));
+    }
+    for mut p in processes {
+        p.proc.signal(Signal::SIGTERM);
+        assert_eq!(p.proc.exit_code().await, 0);
+        let log = p.proc.seen.join("\n");
+        for token in &tokens {
+            assert!(!log.contains(token.as_str()), "a token in the log");
+        }
+        assert!(!log.contains("test-secret"));
+        assert!(
+            !log.contains(&redis.url()[8..]) || !log.contains("redis://"),
+            "no Redis URL in the log"
+        );
+    }
+    stop_all(members).await;
+}
