@@ -601,3 +601,111 @@ async fn processes_and_members_share_one_token_through_revocations_restarts_and_
     }
     stop_all(members).await;
 }
+
+/// The README's ACL line, with `password` in place of its placeholder.
+fn readme_acl(password: &str) -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .unwrap();
+    let line = readme
+        .lines()
+        .find(|l| l.starts_with("ACL SETUSER tokengate "))
+        .expect("the README shows the ACL user");
+    line.replace("LONG-RANDOM-PASSWORD", password)
+        .split_whitespace()
+        .map(String::from)
+        .collect()
+}
+
+#[tokio::test]
+async fn the_readme_acl_user_is_enough_and_a_user_without_it_is_named() {
+    let redis = Redis::start().await;
+    let acl = readme_acl("pw-for-fleet");
+    let args: Vec<&str> = acl.iter().map(String::as_str).collect();
+    let reply = redis.cmd(&args).await.unwrap();
+    assert!(reply.starts_with("+OK"), "{reply}");
+    let hub = support::hub().await;
+    let url = redis
+        .url()
+        .replace("redis://", "redis://tokengate:pw-for-fleet@");
+    let toml = format!(
+        "{}\n[fleet]\nredis_url = \"{url}\"\non_unavailable = \"hold\"\n",
+        support::toml_for(&hub, "")
+    );
+    let members = fleet_of(2, &toml).await;
+    assert_eq!(
+        hub.token_request_count(),
+        1,
+        "published and adopted with the ACL user"
+    );
+    hub.revoke_all();
+    for tg in &members {
+        let res = support::client().get(tg.url("/v2/a")).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    assert_eq!(hub.token_request_count(), 2);
+    stop_all(members).await;
+
+    // A user limited to other keys: the error names the permission.
+    redis
+        .cmd(&[
+            "ACL",
+            "SETUSER",
+            "other",
+            "on",
+            ">pw",
+            "resetkeys",
+            "~other:*",
+            "+@all",
+        ])
+        .await
+        .unwrap();
+    let url = redis.url().replace("redis://", "redis://other:pw@");
+    let toml = format!(
+        "{}\n[fleet]\nredis_url = \"{url}\"\non_unavailable = \"hold\"\n",
+        support::toml_for(&hub, "")
+    );
+    let tg = support::start_toml(&toml).await;
+    let body = eventually("the readiness reason", Duration::from_secs(10), || async {
+        let body = tg.readyz().await.1.to_string();
+        body.contains("ACL").then_some(body)
+    })
+    .await;
+    assert!(!body.contains("pw"), "{body}");
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn rediss_with_a_private_ca_works_and_without_it_is_refused() {
+    let ca = support::TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = ca.leaf_pem(&["localhost"]);
+    let (cert_path, key_path) = (dir.path().join("redis.pem"), dir.path().join("redis.key"));
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    let ca_path = ca.write_pem(dir.path());
+    let redis = Redis::start_tls(&cert_path, &key_path).await;
+    let hub = support::hub().await;
+    let url = format!("rediss://localhost:{}", redis.port);
+    let with_ca = format!(
+        "{}\n[fleet]\nredis_url = \"{url}\"\nca_file = \"{}\"\non_unavailable = \"hold\"\n",
+        support::toml_for(&hub, ""),
+        ca_path.display()
+    );
+    let members = fleet_of(2, &with_ca).await;
+    assert_eq!(hub.token_request_count(), 1, "shared over TLS");
+    stop_all(members).await;
+
+    let without = format!(
+        "{}\n[fleet]\nredis_url = \"{url}\"\non_unavailable = \"hold\"\n",
+        support::toml_for(&hub, "")
+    );
+    let tg = support::start_toml(&without).await;
+    let body = eventually("the readiness reason", Duration::from_secs(10), || async {
+        let body = tg.readyz().await.1.to_string();
+        body.contains("unreachable").then_some(body)
+    })
+    .await;
+    assert!(body.to_lowercase().contains("certificate"), "{body}");
+    tg.stop().await;
+}

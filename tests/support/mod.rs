@@ -440,6 +440,17 @@ impl TestCa {
         path
     }
 
+    /// A leaf for `names` signed by this CA: (certificate PEM, private key PEM).
+    pub fn leaf_pem(&self, names: &[&str]) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let leaf = rcgen::CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &self.issuer)
+            .unwrap();
+        (leaf.pem(), key.serialize_pem())
+    }
+
     /// A server configuration (ALPN h2, http/1.1) with a leaf for `names`, signed by this CA.
     pub fn server_config(&self, names: &[&str]) -> std::sync::Arc<rustls::ServerConfig> {
         let key = rcgen::KeyPair::generate().unwrap();

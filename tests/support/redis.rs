@@ -3,6 +3,7 @@
 //! back empty. `.ci/run` installs Debian's `redis-server`.
 #![allow(dead_code, clippy::unwrap_used)]
 
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -14,6 +15,9 @@ use super::process::free_port;
 pub struct Redis {
     pub port: u16,
     child: Option<Child>,
+    /// TLS: the port clients use is `port`; `plain` is a loopback plain port for the test's
+    /// own commands.
+    tls: Option<(Vec<String>, u16)>,
 }
 
 impl Redis {
@@ -21,9 +25,34 @@ impl Redis {
         let mut redis = Redis {
             port: free_port(),
             child: None,
+            tls: None,
         };
         redis.restart().await;
         redis
+    }
+
+    /// A Redis that speaks TLS only on `port` (a certificate for `localhost` from the files
+    /// given), with a plain port for the test's own commands.
+    pub async fn start_tls(cert: &Path, key: &Path) -> Redis {
+        let args = vec![
+            "--tls-cert-file".to_owned(),
+            cert.display().to_string(),
+            "--tls-key-file".to_owned(),
+            key.display().to_string(),
+            "--tls-auth-clients".to_owned(),
+            "no".to_owned(),
+        ];
+        let mut redis = Redis {
+            port: free_port(),
+            child: None,
+            tls: Some((args, free_port())),
+        };
+        redis.restart().await;
+        redis
+    }
+
+    fn command_port(&self) -> u16 {
+        self.tls.as_ref().map_or(self.port, |(_, plain)| *plain)
     }
 
     pub fn url(&self) -> String {
@@ -33,17 +62,19 @@ impl Redis {
     /// Starts it again (empty: nothing is persisted) on the same port.
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
+        let mut args: Vec<String> = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+            .map(String::from)
+            .to_vec();
+        match &self.tls {
+            None => args.extend(["--port".to_owned(), self.port.to_string()]),
+            Some((tls, plain)) => {
+                args.extend(["--port".to_owned(), plain.to_string()]);
+                args.extend(["--tls-port".to_owned(), self.port.to_string()]);
+                args.extend(tls.iter().cloned());
+            }
+        }
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -81,7 +112,7 @@ impl Redis {
     /// One command over a plain connection; the raw RESP reply.
     pub async fn cmd(&self, args: &[&str]) -> Option<String> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.command_port()))
             .await
             .ok()?;
         let mut req = format!("*{}\r\n", args.len());

@@ -557,7 +557,7 @@ impl Attempt<'_> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<(Issued, Duration), FetchError>>,
     {
-        let why = format!("the fleet store is unreachable ({e})");
+        let why = format!("the fleet's Redis is unreachable or refused ({e})");
         if need == Need::Sync {
             // Only a look: the schedule stays as it is, and the next reconnect looks again.
             return Outcome::Unchanged {

@@ -80,7 +80,7 @@ fn describe(e: &redis::RedisError) -> String {
         || matches!(e.code(), Some("WRONGPASS") | Some("NOAUTH"));
     let fix = if auth {
         "; Redis refused the credentials: check the user and password in fleet.redis_url"
-    } else if e.code() == Some("NOPERM") {
+    } else if e.code() == Some("NOPERM") || format!("{e}").contains("NoPerm") {
         "; the Redis ACL user lacks a permission: allow it the fleet's keys (~<key_prefix>:*), its channel (&<key_prefix>:*) and the commands listed in the README (Fleet mode, Security)"
     } else if e.is_timeout() {
         "; Redis did not answer in time"
