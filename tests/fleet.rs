@@ -709,3 +709,53 @@ async fn rediss_with_a_private_ca_works_and_without_it_is_refused() {
     assert!(body.to_lowercase().contains("certificate"), "{body}");
     tg.stop().await;
 }
+
+#[tokio::test]
+async fn a_rotated_secret_reseals_and_members_on_the_new_secret_share_one_fetch() {
+    let redis = Redis::start().await;
+    let hub = support::hub().await;
+    let dir = tempfile::tempdir().unwrap();
+    let files: Vec<_> = (0..2)
+        .map(|i| dir.path().join(format!("secret-{i}")))
+        .collect();
+    let mut members = Vec::new();
+    for file in &files {
+        std::fs::write(file, "old-secret\n").unwrap();
+        let toml = fleet_toml(&hub, &redis, "").replace(
+            "client_secret = \"test-secret\"",
+            &format!("client_secret = {{ file = \"{}\" }}", file.display()),
+        );
+        let tg = support::start_toml(&toml).await;
+        tg.ready().await;
+        members.push(tg);
+    }
+    assert_eq!(hub.token_request_count(), 1);
+    // The key is regenerated at Delivery Hub (the old key and its tokens die), and the new
+    // one reaches both replicas' mounted Secrets.
+    hub.set_credentials(None, Some("new-secret".into()));
+    for file in &files {
+        std::fs::write(file, "new-secret\n").unwrap();
+    }
+    for tg in &members {
+        eventually(
+            "the replica serves with a token for the new key",
+            Duration::from_secs(10),
+            || async {
+                let res = support::client().get(tg.url("/v2/a")).send().await.ok()?;
+                (res.status() == 200).then_some(())
+            },
+        )
+        .await;
+    }
+    let new_key_fetches = hub
+        .token_requests()
+        .iter()
+        .filter(|r| r.params.get("client_secret").map(String::as_str) == Some("new-secret"))
+        .count();
+    assert_eq!(
+        new_key_fetches, 1,
+        "one fetch with the new key for the fleet"
+    );
+    assert_eq!(generation(&members[0]).await, generation(&members[1]).await);
+    stop_all(members).await;
+}

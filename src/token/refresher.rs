@@ -825,7 +825,14 @@ impl Driver {
                 }
             }
         }
+        // A new secret seals differently; a new fleet_id or membership is another member.
+        let rejoin = new.fleet != self.settings.fleet
+            || new.client_secret.value != self.settings.client_secret.value
+            || new.timeout != self.settings.timeout;
         self.settings = new;
+        if rejoin {
+            self.join_fleet();
+        }
         // A new route needs no new token, but while fetches fail (a proxy that refused the
         // old credentials) the next attempt should not wait out the backoff.
         if egress_changed && !refetch && self.failures > 0 && self.in_flight.is_none() {
@@ -854,6 +861,7 @@ impl Driver {
         if let Some((new, keys)) = reread {
             info!(integration = %self.name, changed = ?keys, "secret file changed; fetching a new token with it (the current token stays in use until then)");
             self.settings = Arc::new(new);
+            self.join_fleet();
             self.refetch_with_new_credentials();
         }
     }
