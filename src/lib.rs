@@ -140,7 +140,7 @@ impl Listeners {
 /// What the admin endpoints read.
 #[derive(Debug)]
 pub struct State {
-    pub gates: Vec<Arc<Gate>>,
+    pub(crate) gates: Vec<Arc<Gate>>,
     pub listen: Vec<SocketAddr>,
     pub metrics: Arc<Metrics>,
     pub draining: AtomicBool,

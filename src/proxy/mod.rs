@@ -22,25 +22,22 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
+use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName};
 use http::uri::{Authority, Scheme};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
-use http_body::{Body, Frame, SizeHint};
+use http_body::Body;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -52,11 +49,13 @@ use crate::telemetry::{IntegrationMetrics, Replay};
 use crate::tls::{self, TlsError};
 use crate::token::{ForceOutcome, Token, TokenHandle};
 
+mod body;
 pub mod hygiene;
 
+use body::{tee, ClientBodyFailure, InFlight, InFlightGuard, KeptBody, ReqBody, ResBody};
 use hygiene::{request_id, strip_hop_by_hop, upstream_uri, X_REQUEST_ID};
 
-pub type UpstreamClient = Client<HttpsConnector<Connector>, ReqBody>;
+pub(crate) type UpstreamClient = Client<HttpsConnector<Connector>, ReqBody>;
 
 /// How often one request is replayed after 401s: once for the refused token, once more when
 /// the replay's own new token was revoked before it arrived. A bound, so an upstream that
@@ -76,8 +75,8 @@ const POOL_IDLE: Duration = Duration::from_secs(90);
 const MAX_BUF: usize = 256 * 1024;
 
 /// The live, reloadable part of an integration's proxy: settings and the client built for them.
-pub struct Route {
-    pub settings: ProxySettings,
+pub(crate) struct Route {
+    pub(crate) settings: ProxySettings,
     client: UpstreamClient,
     scheme: Scheme,
     authority: Authority,
@@ -85,7 +84,7 @@ pub struct Route {
 }
 
 impl Route {
-    pub fn new(settings: ProxySettings) -> Result<Route, TlsError> {
+    pub(crate) fn new(settings: ProxySettings) -> Result<Route, TlsError> {
         let client = build_client(&settings)?;
         let up = &settings.upstream;
         let scheme = if up.tls { Scheme::HTTPS } else { Scheme::HTTP };
@@ -138,11 +137,11 @@ fn build_client(settings: &ProxySettings) -> Result<UpstreamClient, TlsError> {
 }
 
 /// One integration's proxy state, shared by all its connections.
-pub struct Gate {
-    pub name: Arc<str>,
-    pub route: ArcSwap<Route>,
-    pub token: Arc<TokenHandle>,
-    pub metrics: Arc<IntegrationMetrics>,
+pub(crate) struct Gate {
+    pub(crate) name: Arc<str>,
+    pub(crate) route: ArcSwap<Route>,
+    pub(crate) token: Arc<TokenHandle>,
+    pub(crate) metrics: Arc<IntegrationMetrics>,
 }
 
 impl std::fmt::Debug for Gate {
@@ -153,242 +152,12 @@ impl std::fmt::Debug for Gate {
 
 const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
 
-/// Counts a request in flight until its response body ends (or is dropped).
-struct InFlight(prometheus::IntGauge);
-
-impl InFlight {
-    fn new(gauge: &prometheus::IntGauge) -> InFlight {
-        gauge.inc();
-        InFlight(gauge.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
-/// Why the client's request body failed while it streamed upstream (the client went away
-/// mid-body, or sent a malformed chunk), once it has. Shared by the body, the request and its
-/// response: the pooled client then abandons the upstream exchange, and whatever error that
-/// produces (HTTP/1 names the body error, HTTP/2 only a reset stream) is the client's doing,
-/// not the upstream's: a 400, never counted in `tokengate_upstream_errors_total`.
-type ClientBodyFailure = Arc<OnceLock<String>>;
-
-pin_project_lite::pin_project! {
-    /// The body of a request sent upstream: the client's body streaming through (with an
-    /// optional copy kept for a replay), or a kept copy being replayed.
-    #[project = ReqBodyProj]
-    pub enum ReqBody {
-        Full { data: Option<Bytes> },
-        Stream {
-            #[pin] inner: Incoming,
-            kept: Option<BytesMut>,
-            limit: usize,
-            done: Option<oneshot::Sender<Bytes>>,
-            failed: ClientBodyFailure,
-        },
-    }
-}
-
-impl ReqBody {
-    fn finish(kept: &mut Option<BytesMut>, done: &mut Option<oneshot::Sender<Bytes>>) {
-        if let (Some(buf), Some(tx)) = (kept.take(), done.take()) {
-            let _ = tx.send(buf.freeze());
-        }
-    }
-}
-
-impl Body for ReqBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.project() {
-            ReqBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ReqBodyProj::Stream {
-                mut inner,
-                kept,
-                limit,
-                done,
-                failed,
-            } => match inner.as_mut().poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    match frame.data_ref() {
-                        Some(data) => {
-                            if let Some(buf) = kept.as_mut() {
-                                if buf.len() + data.len() > *limit {
-                                    *kept = None;
-                                    *done = None;
-                                } else {
-                                    buf.extend_from_slice(data);
-                                }
-                            }
-                        }
-                        // Trailers cannot be replayed faithfully.
-                        None => {
-                            *kept = None;
-                            *done = None;
-                        }
-                    }
-                    if inner.is_end_stream() {
-                        ReqBody::finish(kept, done);
-                    }
-                    Poll::Ready(Some(Ok(frame)))
-                }
-                Poll::Ready(None) => {
-                    ReqBody::finish(kept, done);
-                    Poll::Ready(None)
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    *kept = None;
-                    *done = None;
-                    let _ = failed.set(chain(&e));
-                    Poll::Ready(Some(Err(e)))
-                }
-                Poll::Pending => Poll::Pending,
-            },
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ReqBody::Full { data } => data.is_none(),
-            ReqBody::Stream { inner, .. } => inner.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ReqBody::Full { data } => {
-                SizeHint::with_exact(data.as_ref().map(|d| d.len() as u64).unwrap_or(0))
-            }
-            ReqBody::Stream { inner, .. } => inner.size_hint(),
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// The body of a response to the client: the upstream's, streaming, or one tokengate wrote.
-    #[project = ResBodyProj]
-    pub enum ResBody {
-        Full { data: Option<Bytes> },
-        Upstream { #[pin] inner: Incoming, guard: Option<InFlightGuard> },
-    }
-}
-
-/// Carried by a streaming response body: counts the request in flight until the body ends,
-/// and reports an upstream failure mid-body, which happens after the access line was written
-/// with the upstream's status and would otherwise be visible only as a truncated body.
-pub struct InFlightGuard {
-    _in_flight: InFlight,
-    name: Arc<str>,
-    metrics: Arc<IntegrationMetrics>,
-    request_id: HeaderValue,
-    /// Set when the client's request body failed: the pooled client then abandons the
-    /// upstream exchange, which fails the response body too, through no fault of the
-    /// upstream's. None for a request without a body.
-    client_body_failed: Option<ClientBodyFailure>,
-}
-
-impl InFlightGuard {
-    fn body_failed(self, e: &hyper::Error) {
-        if self
-            .client_body_failed
-            .as_ref()
-            .is_some_and(|f| f.get().is_some())
-        {
-            debug!(integration = %self.name, request_id = ?self.request_id, "response abandoned because the client's request body failed");
-            return;
-        }
-        let kind = classify_upstream(e);
-        self.metrics.upstream_error(kind);
-        warn!(
-            integration = %self.name,
-            kind = kind.as_str(),
-            error = %chain(e),
-            request_id = ?self.request_id,
-            "the upstream's response body failed midway; the client got a truncated response"
-        );
-    }
-}
-
-impl From<Bytes> for ResBody {
-    fn from(b: Bytes) -> Self {
-        ResBody::Full { data: Some(b) }
-    }
-}
-
-impl Body for ResBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.project() {
-            ResBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ResBodyProj::Upstream { inner, guard } => {
-                let polled = inner.poll_frame(cx);
-                match &polled {
-                    Poll::Ready(None) => drop(guard.take()),
-                    Poll::Ready(Some(Err(e))) => {
-                        if let Some(g) = guard.take() {
-                            g.body_failed(e);
-                        }
-                    }
-                    _ => {}
-                }
-                polled
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ResBody::Full { data } => data.is_none(),
-            ResBody::Upstream { inner, .. } => inner.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ResBody::Full { data } => {
-                SizeHint::with_exact(data.as_ref().map(|d| d.len() as u64).unwrap_or(0))
-            }
-            ResBody::Upstream { inner, .. } => inner.size_hint(),
-        }
-    }
-}
-
 /// What is kept of a request to replay it after a 401.
 struct ReplayCopy {
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: KeptBody,
-}
-
-enum KeptBody {
-    Complete(Bytes),
-    Pending(oneshot::Receiver<Bytes>),
-    TooLarge,
-}
-
-impl KeptBody {
-    fn take(self) -> Option<Bytes> {
-        match self {
-            KeptBody::Complete(b) => Some(b),
-            // The copy exists only if the upstream read the whole body before answering.
-            KeptBody::Pending(mut rx) => rx.try_recv().ok(),
-            KeptBody::TooLarge => None,
-        }
-    }
 }
 
 struct Outcome {
@@ -398,7 +167,7 @@ struct Outcome {
 
 impl Gate {
     /// Serves one request. Never fails: every error becomes the contract's JSON response.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResBody> {
+    pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResBody> {
         let started = Instant::now();
         let in_flight = InFlight::new(&self.metrics.in_flight);
         let method = req.method().clone();
@@ -443,15 +212,13 @@ impl Gate {
         };
         response.headers_mut().insert(X_REQUEST_ID, rid.clone());
         let status = response.status();
-        if let ResBody::Upstream { guard, .. } = response.body_mut() {
-            *guard = Some(InFlightGuard {
-                _in_flight: in_flight,
-                name: self.name.clone(),
-                metrics: self.metrics.clone(),
-                request_id: rid.clone(),
-                client_body_failed,
-            });
-        }
+        response.body_mut().guard(|| InFlightGuard {
+            _in_flight: in_flight,
+            name: self.name.clone(),
+            metrics: self.metrics.clone(),
+            request_id: rid.clone(),
+            client_body_failed,
+        });
         let elapsed = started.elapsed();
         self.metrics.duration.observe(elapsed.as_secs_f64());
         self.metrics.request(&method, status.as_u16());
@@ -541,37 +308,7 @@ impl Gate {
                 })?,
         };
 
-        let limit = settings.max_replay_body;
-        let (body, kept) = if body.is_end_stream() {
-            (
-                ReqBody::Full { data: None },
-                KeptBody::Complete(Bytes::new()),
-            )
-        } else if body.size_hint().lower() > limit {
-            (
-                ReqBody::Stream {
-                    inner: body,
-                    kept: None,
-                    limit: 0,
-                    done: None,
-                    failed: client_body_failed.get_or_insert_default().clone(),
-                },
-                KeptBody::TooLarge,
-            )
-        } else {
-            let (tx, rx) = oneshot::channel();
-            let capacity = body.size_hint().exact().unwrap_or(0).min(limit) as usize;
-            (
-                ReqBody::Stream {
-                    inner: body,
-                    kept: Some(BytesMut::with_capacity(capacity)),
-                    limit: limit as usize,
-                    done: Some(tx),
-                    failed: client_body_failed.get_or_insert_default().clone(),
-                },
-                KeptBody::Pending(rx),
-            )
-        };
+        let (body, kept) = tee(body, settings.max_replay_body, client_body_failed);
 
         let copy = ReplayCopy {
             method: parts.method.clone(),
@@ -666,13 +403,7 @@ impl Gate {
         {
             self.metrics.ratelimit_remaining(remaining);
         }
-        Response::from_parts(
-            parts,
-            ResBody::Upstream {
-                inner: body,
-                guard: None,
-            },
-        )
+        Response::from_parts(parts, ResBody::upstream(body))
     }
 
     /// A 401 for `token`: a token newer than the refused one (the current one, or one forced
@@ -757,7 +488,7 @@ impl Gate {
 /// returns; in-flight connections are tracked by `graceful` for the caller to drain, and
 /// closed when `close` fires (the drain's deadline passed). A connection that brings no
 /// request within `header_read_timeout` is closed.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     gate: Arc<Gate>,
     header_read_timeout: Duration,
