@@ -18,7 +18,8 @@ use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
-use crate::error::{chain, classify_upstream};
+use super::upstream::classify_upstream;
+use crate::error::chain;
 use crate::telemetry::IntegrationMetrics;
 
 /// The body of a request sent upstream: the client's body streaming through (with an optional

@@ -29,41 +29,32 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderName};
-use http::uri::{Authority, Scheme};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::config::ProxySettings;
-use crate::egress::Connector;
-use crate::error::{chain, classify_upstream, ErrorCode, ProxyError, UpstreamErrorKind};
+use crate::error::{ErrorCode, ProxyError};
 use crate::shutdown::Shutdown;
 use crate::telemetry::{IntegrationMetrics, Replay};
-use crate::tls::{self, TlsError};
 use crate::token::{ForceOutcome, Token, TokenHandle};
 
 mod body;
 pub mod hygiene;
+mod upstream;
 
 use body::{tee, ClientBodyFailure, InFlight, InFlightGuard, KeptBody, ReqBody, ResBody};
-use hygiene::{request_id, strip_hop_by_hop, upstream_uri, X_REQUEST_ID};
-
-pub(crate) type UpstreamClient = Client<HttpsConnector<Connector>, ReqBody>;
+use hygiene::{request_id, strip_hop_by_hop, X_REQUEST_ID};
+pub(crate) use upstream::Route;
 
 /// How often one request is replayed after 401s: once for the refused token, once more when
 /// the replay's own new token was revoked before it arrived. A bound, so an upstream that
 /// refuses every token (missing permissions) costs a call at most two forced refreshes.
 const MAX_REPLAYS: u32 = 2;
-
-/// How long an idle pooled upstream connection is kept.
-const POOL_IDLE: Duration = Duration::from_secs(90);
 
 /// The most an HTTP/1 connection buffers in each direction, on both sides of the proxy, and
 /// so also the largest request or response head (a larger one is a 431 to the client, a 502
@@ -73,68 +64,6 @@ const POOL_IDLE: Duration = Duration::from_secs(90);
 /// CPU per request, while 64 or 128 KiB cost 1.6–2.9× the CPU per 1 MiB response (smaller
 /// reads, more wake-ups; bench/NOTES.md).
 const MAX_BUF: usize = 256 * 1024;
-
-/// The live, reloadable part of an integration's proxy: settings and the client built for them.
-pub(crate) struct Route {
-    pub(crate) settings: ProxySettings,
-    client: UpstreamClient,
-    scheme: Scheme,
-    authority: Authority,
-    allow: Option<HeaderValue>,
-}
-
-impl Route {
-    pub(crate) fn new(settings: ProxySettings) -> Result<Route, TlsError> {
-        let client = build_client(&settings)?;
-        let up = &settings.upstream;
-        let scheme = if up.tls { Scheme::HTTPS } else { Scheme::HTTP };
-        let authority = Authority::try_from(up.authority.as_str()).map_err(|e| TlsError::Pem {
-            path: "upstream".into(),
-            reason: e.to_string(),
-        })?;
-        let allow = settings.allow_methods.as_ref().and_then(|methods| {
-            let list: Vec<&str> = methods.iter().map(Method::as_str).collect();
-            HeaderValue::try_from(list.join(", ")).ok()
-        });
-        Ok(Route {
-            settings,
-            client,
-            scheme,
-            authority,
-            allow,
-        })
-    }
-
-    /// The upstream URI for a request target; see [`upstream_uri`].
-    fn upstream_uri(&self, target: &Uri, check_host: bool) -> Result<Uri, ProxyError> {
-        upstream_uri(
-            target,
-            check_host,
-            &self.settings.upstream,
-            &self.scheme,
-            &self.authority,
-        )
-    }
-}
-
-fn build_client(settings: &ProxySettings) -> Result<UpstreamClient, TlsError> {
-    // Direct, or a CONNECT tunnel through the egress proxy; TLS to the upstream runs on top
-    // of either, so through a proxy it is end to end inside the tunnel.
-    let connector = Connector::new(&settings.egress, settings.connect_timeout);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls::client_config(settings.ca_file.as_deref())?)
-        // Plain http is only ever configured for loopback (config validation).
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(connector);
-    Ok(Client::builder(TokioExecutor::new())
-        .http1_max_buf_size(MAX_BUF)
-        .pool_idle_timeout(POOL_IDLE)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(https))
-}
 
 /// One integration's proxy state, shared by all its connections.
 pub(crate) struct Gate {
@@ -354,42 +283,7 @@ impl Gate {
         *req.uri_mut() = uri;
         *req.version_mut() = Version::HTTP_11;
         *req.headers_mut() = headers;
-        let timeout = route.settings.request_timeout;
-        match tokio::time::timeout(timeout, route.client.request(req)).await {
-            Ok(Ok(res)) => Ok(res),
-            Ok(Err(e)) => {
-                let kind = classify_upstream(&e);
-                let up = &route.settings.upstream.url;
-                let advice = match kind {
-                    UpstreamErrorKind::Tls => "; if the upstream uses a private CA, add it with ca_file (verification cannot be turned off)",
-                    UpstreamErrorKind::Connect => "; check upstream, DNS and the network path",
-                    // The tunnel error already names the proxy, its answer and what to check.
-                    _ => "",
-                };
-                let mut err = ProxyError::new(
-                    ErrorCode::UpstreamUnreachable,
-                    format!(
-                        "cannot reach the upstream {up} ({}): {}{advice}",
-                        kind.as_str(),
-                        chain(&e)
-                    ),
-                );
-                err.upstream_kind = Some(kind);
-                Err(err)
-            }
-            Err(_) => {
-                let mut err = ProxyError::new(
-                    ErrorCode::UpstreamTimeout,
-                    format!(
-                        "the upstream {} sent no response headers within request_timeout ({})",
-                        route.settings.upstream.url,
-                        humantime::format_duration(timeout)
-                    ),
-                );
-                err.upstream_kind = Some(UpstreamErrorKind::Timeout);
-                Err(err)
-            }
-        }
+        route.send(req).await
     }
 
     fn respond(&self, res: Response<Incoming>) -> Response<ResBody> {
