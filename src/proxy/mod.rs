@@ -37,6 +37,7 @@ use crate::token::{ForceOutcome, Token, TokenHandle};
 mod body;
 pub mod hygiene;
 mod listener;
+pub(crate) mod tunnel;
 mod upstream;
 
 use body::{tee, ClientBodyFailure, InFlight, InFlightGuard, KeptBody, ReqBody, ResBody};

@@ -15,9 +15,9 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::body::ReqBody;
 use super::hygiene::upstream_uri;
+use super::tunnel::{Connector, TunnelError};
 use super::MAX_BUF;
 use crate::config::ProxySettings;
-use crate::egress::{Connector, TunnelError};
 use crate::error::{
     chain, find_in_chain, find_tls_error, ErrorCode, ProxyError, UpstreamErrorKind,
 };
