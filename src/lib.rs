@@ -39,6 +39,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod proxy;
+pub mod report;
 pub mod shutdown;
 pub mod standin;
 pub mod telemetry;
@@ -392,20 +393,6 @@ impl Running {
     pub fn config(&self) -> &Config {
         &self.config
     }
-}
-
-/// Runs until `shutdown` resolves, then drains for `server.shutdown_grace`.
-pub async fn run(
-    config: Config,
-    listeners: Listeners,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), StartError> {
-    let grace = config.server.shutdown_grace;
-    let running = start(config, listeners).await?;
-    shutdown.await;
-    info!("shutting down: not ready, no new connections, draining in-flight requests");
-    running.shutdown(grace).await;
-    Ok(())
 }
 
 #[cfg(test)]
