@@ -179,7 +179,7 @@ pub fn find_tls_error<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a rustl
 
 /// The first error of type `E` in `err`'s chain, looking inside `io::Error`s as
 /// [`find_tls_error`] does.
-pub fn find_in_chain<'a, E: StdError + 'static>(
+pub(crate) fn find_in_chain<'a, E: StdError + 'static>(
     err: &'a (dyn StdError + 'static),
 ) -> Option<&'a E> {
     let mut current: Option<&(dyn StdError + 'static)> = Some(err);

@@ -63,6 +63,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
+use crate::admin::State;
 use crate::config::{Config, TokenSettings};
 use crate::proxy::{Gate, Route};
 use crate::telemetry::Metrics;
@@ -140,15 +141,6 @@ impl Listeners {
             integrations,
         })
     }
-}
-
-/// What the admin endpoints read.
-#[derive(Debug)]
-pub struct State {
-    pub(crate) gates: Vec<Arc<Gate>>,
-    pub listen: Vec<SocketAddr>,
-    pub metrics: Arc<Metrics>,
-    pub draining: AtomicBool,
 }
 
 /// A started tokengate: its addresses, readiness, reload and shutdown.
@@ -292,10 +284,6 @@ impl Running {
 
     fn serving(&self, name: &str) -> Option<&Serving> {
         self.integrations.iter().find(|i| &*i.gate.name == name)
-    }
-
-    pub fn state(&self) -> &Arc<State> {
-        &self.state
     }
 
     pub fn is_ready(&self) -> bool {
