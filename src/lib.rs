@@ -65,7 +65,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::admin::State;
 use crate::config::{Config, TokenSettings};
-use crate::proxy::{Gate, Route};
+use crate::proxy::{ConnectWarnings, Gate, Route};
 use crate::telemetry::Metrics;
 use crate::token::refresher::Refresher;
 use crate::token::TokenHandle;
@@ -218,13 +218,15 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
             m.clone(),
         );
         tasks.push(tokio::spawn(refresher.run(task_signal.clone())));
+        let addr = listener.local_addr().unwrap_or(integration.listen);
         let gate = Arc::new(Gate {
             name,
+            listen: addr,
             route: ArcSwap::from_pointee(route),
             token: handle,
             metrics: m,
+            connect_warned: ConnectWarnings::default(),
         });
-        let addr = listener.local_addr().unwrap_or(integration.listen);
         info!(
             integration = %integration.name,
             listen = %addr,

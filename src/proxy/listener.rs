@@ -64,7 +64,7 @@ pub(crate) async fn serve(
         let svc = hyper::service::service_fn(move |req| {
             seen.store(true, Ordering::Relaxed);
             let gate = gate.clone();
-            async move { Ok::<_, Infallible>(gate.handle(req).await) }
+            async move { Ok::<_, Infallible>(gate.handle(req, peer).await) }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), svc)

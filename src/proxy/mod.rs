@@ -23,7 +23,10 @@
 //! It never talks to the token endpoint; it reads the [`TokenHandle`] and may ask for a
 //! forced refresh.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderName};
@@ -62,12 +65,42 @@ const MAX_REPLAYS: u32 = 2;
 /// reads, more wake-ups; bench/NOTES.md).
 const MAX_BUF: usize = 256 * 1024;
 
+/// A client that sends CONNECT is warned about at most once per this interval.
+const CONNECT_WARN_INTERVAL: Duration = Duration::from_secs(60);
+
 /// One integration's proxy state, shared by all its connections.
 pub(crate) struct Gate {
     pub(crate) name: Arc<str>,
+    /// The bound listen address, for the base URL the CONNECT warning advises.
+    pub(crate) listen: SocketAddr,
     pub(crate) route: ArcSwap<Route>,
     pub(crate) token: Arc<TokenHandle>,
     pub(crate) metrics: Arc<IntegrationMetrics>,
+    pub(crate) connect_warned: ConnectWarnings,
+}
+
+/// When each client address was last warned about sending CONNECT. A client library that
+/// tunnels often hides the 405 (Node's undici shows only "fetch failed"), so the operator
+/// learns the cause from tokengate's log, once a minute per client rather than per request.
+/// A std mutex is enough: only a CONNECT takes it, never a proxied request, and the map holds
+/// only the addresses warned within the last minute.
+#[derive(Debug, Default)]
+pub(crate) struct ConnectWarnings(Mutex<HashMap<IpAddr, Instant>>);
+
+impl ConnectWarnings {
+    /// Whether `client` is due a warning at `now`; if so, it is remembered as warned.
+    fn due(&self, client: IpAddr, now: Instant) -> bool {
+        let mut warned = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        warned.retain(|_, at| now.saturating_duration_since(*at) < CONNECT_WARN_INTERVAL);
+        if warned.contains_key(&client) {
+            return false;
+        }
+        warned.insert(client, now);
+        true
+    }
 }
 
 impl std::fmt::Debug for Gate {
@@ -93,6 +126,7 @@ struct Notes {
 /// What the access line needs from the request as it arrived.
 struct Arrival {
     started: Instant,
+    client: SocketAddr,
     method: Method,
     /// `None` when the access log is filtered out: then nothing is copied.
     path: Option<String>,
@@ -119,9 +153,14 @@ struct ReplayCopy {
 
 impl Gate {
     /// Serves one request. Never fails: every error becomes the contract's JSON response.
-    pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResBody> {
+    pub(crate) async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Response<ResBody> {
         let arrival = Arrival {
             started: Instant::now(),
+            client,
             in_flight: InFlight::new(&self.metrics.in_flight),
             method: req.method().clone(),
             path: tracing::enabled!(target: "tokengate::access", tracing::Level::INFO)
@@ -286,6 +325,7 @@ impl Gate {
     ) -> Response<ResBody> {
         let Arrival {
             started,
+            client,
             method,
             path,
             request_id: rid,
@@ -306,6 +346,9 @@ impl Gate {
             Err(e) => {
                 if let Some(kind) = e.upstream_kind {
                     self.metrics.upstream_error(kind);
+                }
+                if e.code == ErrorCode::ConnectNotSupported {
+                    self.warn_connect(client.ip());
                 }
                 match e.code.blame() {
                     // A client's mistake is not an operator's alarm; a missing token was
@@ -356,6 +399,27 @@ impl Gate {
             );
         }
         response
+    }
+}
+
+impl Gate {
+    /// Names the likely cause of a CONNECT in the log, at most once a minute per client.
+    fn warn_connect(&self, client: IpAddr) {
+        if !self.connect_warned.due(client, Instant::now()) {
+            return;
+        }
+        // A client reaches a wildcard listener on loopback too; any other address as bound.
+        let ip = if self.listen.ip().is_unspecified() {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        } else {
+            self.listen.ip()
+        };
+        let base = SocketAddr::new(ip, self.listen.port());
+        warn!(
+            integration = %self.name,
+            client = %client,
+            "a client sent CONNECT (answered 405 connect_not_supported): it is configured to use tokengate as an HTTP(S) proxy for https URLs (HTTPS_PROXY), so tokengate cannot add the token; use the base URL http://{base} instead (or HTTP_PROXY with http:// URLs; Node's undici ProxyAgent needs proxyTunnel: false). Logged at most once a minute per client address"
+        );
     }
 }
 
@@ -459,4 +523,33 @@ fn respond(res: Response<Incoming>) -> Response<ResBody> {
     let (mut parts, body) = res.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, ResBody::upstream(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connect_is_warned_about_once_a_minute_per_client() {
+        let warned = ConnectWarnings::default();
+        let t0 = Instant::now();
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let b: IpAddr = "127.0.0.2".parse().unwrap();
+        assert!(warned.due(a, t0));
+        assert!(!warned.due(a, t0 + Duration::from_secs(1)));
+        assert!(warned.due(b, t0 + Duration::from_secs(1)), "another client");
+        assert!(!warned.due(a, t0 + Duration::from_secs(59)));
+        assert!(
+            warned.due(a, t0 + Duration::from_secs(60)),
+            "a minute later"
+        );
+        assert!(!warned.due(b, t0 + Duration::from_secs(60)));
+        assert_eq!(warned.0.lock().unwrap().len(), 2);
+        assert!(warned.due(b, t0 + Duration::from_secs(200)));
+        assert_eq!(
+            warned.0.lock().unwrap().len(),
+            1,
+            "addresses warned more than a minute ago are forgotten"
+        );
+    }
 }
