@@ -13,20 +13,27 @@
 //! ```
 //!
 //! # Layout
-//! - [`config`]: TOML schema, defaults, validation, secret sources; the only loading path.
-//! - [`error`]: the errors tokengate answers itself and their status/JSON mapping.
+//! - [`config`]: TOML schema, defaults, validation, secret sources, the egress route decision
+//!   and the reload plan (old vs new); the only loading path.
+//! - [`proxy`]: one integration's hyper service, as phases in `proxy/mod.rs` (filter →
+//!   prepare → inject → send → replay on 401 | respond → record); beside it
+//!   [`proxy::hygiene`] (pure header and target rules, fuzzed), `body` (the replay tee and the
+//!   response body), `listener` (accept loop, first-request deadline), `upstream` (the pooled
+//!   client and what its failures mean) and `tunnel` (the CONNECT connector to the egress
+//!   proxy).
 //! - [`token`]: the token cell ([`token::TokenHandle`]), one exchange ([`token::client`]), the
 //!   background refresher ([`token::refresher`]).
-//! - [`proxy`]: the per-integration hyper service (filter → inject → forward → replay → record).
-//! - [`admin`]: the admin listener.
+//! - [`admin`]: the admin listener and the state it reads.
+//! - [`error`](mod@error): the errors tokengate answers itself and their status/JSON mapping.
 //! - [`telemetry`]: logging setup and every metric, on a registry owned by [`start`].
 //! - [`tls`]: the one rustls provider and root store both clients use.
-//! - [`egress`]: the upstream pool's connector: direct, or a CONNECT tunnel through the
-//!   egress proxy (the route each endpoint takes is decided in [`config`]).
 //! - [`shutdown`]: the stop signal and OS signals.
+//! - [`report`]: the `check` and `token` reports of the command line.
 //! - [`standin`]: a local stand-in for Delivery Hub (token endpoint + API) for `demo`, tests
-//!   and the benchmark.
+//!   and the benchmark; a test double that ships for the demo.
 //! - [`demo`]: the `tokengate demo` command.
+//! - `main.rs` (the binary): command line → load → telemetry → bind → [`start`] → forward
+//!   signals → exit code.
 //!
 //! # Request flow
 //! A request on an integration port is checked (method, absolute-form host), stripped of

@@ -1,5 +1,5 @@
 //! One integration's proxy: the hyper service that carries a request from the legacy client
-//! to the upstream, as named phases that read top to bottom in [`Gate::handle`]:
+//! to the upstream, as named phases that read top to bottom in `Gate::handle`:
 //!
 //! 1. **filter**: `CONNECT`, methods outside `allow_methods`, an absolute-form target for a
 //!    host that is not the upstream's (tokengate is never an open proxy: a token only goes
@@ -7,17 +7,17 @@
 //! 2. **prepare**: the upstream URI, hop-by-hop headers out (RFC 9110 §7.6.1), `X-Request-Id`
 //!    kept or made, the body teed so a copy is kept while it fits in `max_replay_body`;
 //! 3. **inject**: the current token's prebuilt `Authorization` header replaces the client's —
-//!    [`inject`] is the one place a token enters a request;
-//! 4. **send**: one pooled client per integration ([`upstream`]), bodies streamed both ways;
+//!    `inject` is the one place a token enters a request;
+//! 4. **send**: one pooled client per integration (`upstream`), bodies streamed both ways;
 //! 5. **replay on 401** (a forced refresh, then the kept copy with the new token) **or
 //!    respond** (hop-by-hop headers out of the upstream's response);
 //! 6. **record**: every metric of the request and its one access line, in one place; only what
 //!    happens after the response head (in flight, a body failing midway) rides on the body
-//!    ([`body`]).
+//!    (`body`).
 //!
-//! The rooms beside it: [`hygiene`] (pure header and target rules, fuzzed), [`body`] (the
-//! replay tee and the response body), [`listener`] (accept loop, first-request deadline),
-//! [`upstream`] (the pooled client and what its failures mean), [`tunnel`] (the CONNECT
+//! The rooms beside it: [`hygiene`] (pure header and target rules, fuzzed), `body` (the
+//! replay tee and the response body), `listener` (accept loop, first-request deadline),
+//! `upstream` (the pooled client and what its failures mean), `tunnel` (the CONNECT
 //! connector to the egress proxy).
 //!
 //! It never talks to the token endpoint; it reads the [`TokenHandle`] and may ask for a
