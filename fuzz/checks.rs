@@ -13,7 +13,7 @@ use http::uri::{Authority, Scheme};
 use http::{StatusCode, Uri};
 use tokengate::config::Endpoint;
 use tokengate::error::ErrorCode;
-use tokengate::proxy::upstream_uri;
+use tokengate::proxy::hygiene::upstream_uri;
 use tokengate::token::client::{parse_response, FETCH_ERROR_KINDS, MAX_LIFETIME};
 use tokengate::token::Token;
 

@@ -5,7 +5,8 @@
 //! last error text, which the token client builds without secrets.
 
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -19,8 +20,18 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tracing::debug;
 
+use crate::proxy::Gate;
 use crate::shutdown::Shutdown;
-use crate::State;
+use crate::telemetry::Metrics;
+
+/// What the admin endpoints read.
+#[derive(Debug)]
+pub(crate) struct State {
+    pub(crate) gates: Vec<Arc<Gate>>,
+    pub(crate) listen: Vec<SocketAddr>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) draining: AtomicBool,
+}
 
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
@@ -39,7 +50,7 @@ fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
 }
 
 /// Which integrations lack a valid token, and why; empty when all are ready.
-pub fn not_ready(state: &State) -> Vec<Value> {
+pub(crate) fn not_ready(state: &State) -> Vec<Value> {
     state
         .gates
         .iter()
@@ -147,7 +158,7 @@ fn route(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 
 /// Serves the admin endpoints until `shutdown` (which `run` fires only after draining, so
 /// `/readyz` can report the drain).
-pub async fn serve(listener: TcpListener, state: Arc<State>, mut shutdown: Shutdown) {
+pub(crate) async fn serve(listener: TcpListener, state: Arc<State>, mut shutdown: Shutdown) {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())

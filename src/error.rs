@@ -179,7 +179,7 @@ pub fn find_tls_error<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a rustl
 
 /// The first error of type `E` in `err`'s chain, looking inside `io::Error`s as
 /// [`find_tls_error`] does.
-pub fn find_in_chain<'a, E: StdError + 'static>(
+pub(crate) fn find_in_chain<'a, E: StdError + 'static>(
     err: &'a (dyn StdError + 'static),
 ) -> Option<&'a E> {
     let mut current: Option<&(dyn StdError + 'static)> = Some(err);
@@ -198,42 +198,6 @@ pub fn find_in_chain<'a, E: StdError + 'static>(
         current = e.source();
     }
     None
-}
-
-/// Classifies a failed upstream exchange for the metric and the message. The pooled client
-/// wraps the interesting error several layers deep, so the whole source chain is inspected.
-pub fn classify_upstream(err: &(dyn StdError + 'static)) -> UpstreamErrorKind {
-    // First: a proxy that refused or could not be reached also carries an io error.
-    if find_in_chain::<crate::egress::TunnelError>(err).is_some() {
-        return UpstreamErrorKind::Proxy;
-    }
-    if find_tls_error(err).is_some() {
-        return UpstreamErrorKind::Tls;
-    }
-    let mut connect = false;
-    let mut current: Option<&(dyn StdError + 'static)> = Some(err);
-    while let Some(e) = current {
-        if let Some(client) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
-            connect |= client.is_connect();
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind::*;
-            if !connect && matches!(io.kind(), ConnectionReset | BrokenPipe | UnexpectedEof) {
-                return UpstreamErrorKind::Reset;
-            }
-        }
-        if let Some(h) = e.downcast_ref::<hyper::Error>() {
-            if h.is_incomplete_message() || h.is_canceled() {
-                return UpstreamErrorKind::Reset;
-            }
-        }
-        current = e.source();
-    }
-    if connect {
-        UpstreamErrorKind::Connect
-    } else {
-        UpstreamErrorKind::Other
-    }
 }
 
 /// `outer: inner: innermost`, skipping repeated texts: the pooled client's own `Display` is
@@ -287,29 +251,5 @@ mod tests {
         assert_eq!(v["error"], "token_unavailable");
         assert_eq!(v["integration"], "oms");
         assert_eq!(v["message"], "no token");
-    }
-
-    #[test]
-    fn io_reset_is_reset_and_chain_reaches_the_cause() {
-        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "peer reset");
-        assert_eq!(classify_upstream(&io), UpstreamErrorKind::Reset);
-        let tls = std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
-        );
-        assert_eq!(classify_upstream(&tls), UpstreamErrorKind::Tls);
-        assert!(chain(&tls).contains("UnknownIssuer") || chain(&tls).contains("unknown issuer"));
-    }
-
-    #[test]
-    fn a_tunnel_error_is_proxy_even_when_wrapped() {
-        let tunnel = crate::egress::TunnelError::Unreachable {
-            proxy: "http://p:3128".into(),
-            reason: "connection refused".into(),
-        };
-        let boxed: Box<dyn StdError + Send + Sync> = Box::new(tunnel);
-        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, boxed);
-        assert_eq!(classify_upstream(&io), UpstreamErrorKind::Proxy);
-        assert!(chain(&io).contains("egress proxy http://p:3128"));
     }
 }

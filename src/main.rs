@@ -1,7 +1,8 @@
 //! The `tokengate` binary, a thin shell: parse the command line, load and validate the
-//! configuration before binding anything, start logging, bind, run the library, map the
-//! outcome to an exit code (0 success, 1 runtime failure, 2 bad command line or config).
-#![allow(clippy::print_stdout)] // the CLI's output path: `check`, `token`
+//! configuration before binding anything, start logging, bind, start the library, forward
+//! SIGHUP (reload) and SIGTERM/SIGINT (drain) to it, map the outcome to an exit code (0
+//! success, 1 runtime failure, 2 bad command line or config). The `check` and `token`
+//! reports are the library's ([`tokengate::report`]).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,7 +11,7 @@ use clap::{Parser, Subcommand};
 use tracing::{error, info, warn};
 
 use tokengate::config::Config;
-use tokengate::token::client::TokenClient;
+use tokengate::report::{self, ReportError};
 use tokengate::{shutdown, telemetry, Listeners};
 
 #[derive(Parser, Debug)]
@@ -107,7 +108,7 @@ fn run_command(cli: Cli) -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            runtime.block_on(check(&config, fetch))
+            exit_code(runtime.block_on(report::check(&config, fetch)))
         }
         Some(Command::Token {
             integration,
@@ -117,7 +118,7 @@ fn run_command(cli: Cli) -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            runtime.block_on(token(&config, &integration, show_token))
+            exit_code(runtime.block_on(report::token(&config, &integration, show_token)))
         }
         None => {
             let config = match load(&cli.config) {
@@ -142,6 +143,14 @@ fn runtime_builder() -> tokio::runtime::Builder {
         tokio::runtime::Builder::new_current_thread()
     } else {
         tokio::runtime::Builder::new_multi_thread()
+    }
+}
+
+fn exit_code(report: Result<(), ReportError>) -> ExitCode {
+    match report {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(ReportError::Fetch) => ExitCode::from(EXIT_RUNTIME),
+        Err(ReportError::UnknownIntegration) => ExitCode::from(EXIT_CONFIG),
     }
 }
 
@@ -192,203 +201,4 @@ async fn serve(config: Config, path: PathBuf) -> ExitCode {
     running.shutdown(grace).await;
     info!("stopped");
     ExitCode::SUCCESS
-}
-
-/// The `check` summary: one row per integration, where each secret comes from (never its
-/// value), then every warning.
-async fn check(config: &Config, fetch: bool) -> ExitCode {
-    println!("{}: valid", config.path.display());
-    println!("admin endpoints: http://{}", config.server.admin_listen);
-    println!();
-    let rows: Vec<[String; 6]> = config
-        .integrations
-        .iter()
-        .map(|i| {
-            [
-                i.name.clone(),
-                i.listen.to_string(),
-                i.token.token_url.url.to_string(),
-                i.proxy.upstream.url.to_string(),
-                i.token.client_id.source.describe(),
-                i.token.client_secret.source.describe(),
-            ]
-        })
-        .collect();
-    let header = [
-        "integration",
-        "listen",
-        "token_url",
-        "upstream",
-        "client_id from",
-        "client_secret from",
-    ];
-    print_table(header, &rows);
-    // The route each endpoint takes (contract, Egress): direct and why, or which proxy and
-    // where it was configured. Credentials appear only as where they come from.
-    println!();
-    let routes: Vec<[String; 3]> = config
-        .integrations
-        .iter()
-        .flat_map(|i| {
-            [
-                [
-                    i.name.clone(),
-                    "token_url".to_owned(),
-                    i.token.egress.describe(),
-                ],
-                [
-                    i.name.clone(),
-                    "upstream".to_owned(),
-                    i.proxy.egress.describe(),
-                ],
-            ]
-        })
-        .collect();
-    print_table(["integration", "endpoint", "route"], &routes);
-    let mut warnings = config.warnings.clone();
-    for i in &config.integrations {
-        // The lifetime tokengate expects: what it asks for, else what it assumes.
-        let lifetime = i.token.ttl.unwrap_or(i.token.assume_lifetime);
-        let margin = lifetime.mul_f64(1.0 - i.token.refresh_at);
-        if margin < std::time::Duration::from_secs(30) {
-            warnings.push(format!(
-                "integration {}: refresh_at = {} leaves {} before a {} token expires; a slow or failing token endpoint then means 503s — lower refresh_at or ask for a longer ttl",
-                i.name,
-                i.token.refresh_at,
-                humantime::format_duration(margin),
-                humantime::format_duration(lifetime)
-            ));
-        }
-    }
-    if !warnings.is_empty() {
-        println!();
-        for w in &warnings {
-            println!("warning: {w}");
-        }
-    }
-    if !fetch {
-        return ExitCode::SUCCESS;
-    }
-    println!();
-    let mut failed = false;
-    for i in &config.integrations {
-        match fetch_one(&i.token).await {
-            Ok(issued) => println!(
-                "{}: token obtained from {} (HTTP {}, lifetime {})",
-                i.name,
-                i.token.token_url.url,
-                issued.status.as_u16(),
-                issued
-                    .expires_in
-                    .map(|d| humantime::format_duration(d).to_string())
-                    .unwrap_or_else(|| "not stated; assume_lifetime applies".into())
-            ),
-            Err(e) => {
-                failed = true;
-                println!(
-                    "{}: token request to {} failed: {e}",
-                    i.name, i.token.token_url.url
-                );
-            }
-        }
-    }
-    if failed {
-        ExitCode::from(EXIT_RUNTIME)
-    } else {
-        ExitCode::SUCCESS
-    }
-}
-
-/// Left-aligned columns two spaces apart, as wide as their widest cell.
-fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
-    let mut widths = header.map(str::len);
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let line = |cells: [&str; N]| {
-        cells
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_string()
-    };
-    println!("{}", line(header));
-    for row in rows {
-        println!("{}", line(row.each_ref().map(String::as_str)));
-    }
-}
-
-async fn fetch_one(
-    settings: &tokengate::config::TokenSettings,
-) -> Result<tokengate::token::client::Issued, String> {
-    let client = TokenClient::new(settings).map_err(|e| e.to_string())?;
-    client.fetch(settings).await.map_err(|e| e.to_string())
-}
-
-/// Local and UTC renderings of a wall-clock time.
-fn local_and_utc(t: std::time::SystemTime) -> String {
-    let local: chrono::DateTime<chrono::Local> = t.into();
-    format!(
-        "{} local, {} UTC",
-        local.format("%Y-%m-%d %H:%M:%S %:z"),
-        humantime::format_rfc3339_seconds(t)
-    )
-}
-
-async fn token(config: &Config, name: &str, show: bool) -> ExitCode {
-    let Some(i) = config.integrations.iter().find(|i| i.name == name) else {
-        let names: Vec<&str> = config
-            .integrations
-            .iter()
-            .map(|i| i.name.as_str())
-            .collect();
-        eprintln!(
-            "tokengate: no integration named {name:?} in {}; it has: {}",
-            config.path.display(),
-            names.join(", ")
-        );
-        return ExitCode::from(EXIT_CONFIG);
-    };
-    eprintln!("endpoint      POST {}", i.token.token_url.url);
-    eprintln!("route         {}", i.token.egress.describe());
-    match fetch_one(&i.token).await {
-        Ok(issued) => {
-            let lifetime = issued.expires_in.unwrap_or(i.token.assume_lifetime);
-            let expiry = std::time::SystemTime::now() + lifetime;
-            eprintln!("status        HTTP {}", issued.status.as_u16());
-            eprintln!("token_type    Bearer");
-            eprintln!(
-                "lifetime      {}{}",
-                humantime::format_duration(lifetime),
-                if issued.expires_in.is_none() {
-                    " (the response has no expires_in; this is assume_lifetime)"
-                } else if issued.capped {
-                    " (expires_in was over 24 h; capped)"
-                } else {
-                    ""
-                }
-            );
-            eprintln!("expires       {}", local_and_utc(expiry));
-            match issued.clock_skew {
-                Some(skew) if skew.abs() > 30 => eprintln!(
-                    "clock skew    {skew} s (created_at minus this host's clock): check NTP on this host or the server; expiry is counted on this host's clock"
-                ),
-                Some(skew) => eprintln!("clock skew    {skew} s (created_at minus this host's clock)"),
-                None => eprintln!("clock skew    unknown (no created_at in the response)"),
-            }
-            if show {
-                println!("{}", issued.access_token.expose());
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("token request failed: {e}");
-            ExitCode::from(EXIT_RUNTIME)
-        }
-    }
 }

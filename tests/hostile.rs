@@ -43,7 +43,6 @@ use support::{
 use tokengate::standin::{ApiReply, Hub, HubOptions, TokenReply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::time::Instant;
 
 const UPSTREAM_KINDS: [&str; 6] = ["connect", "tls", "timeout", "reset", "proxy", "other"];
 
@@ -208,15 +207,6 @@ async fn upstream_errors(tg: &support::Tg) -> Vec<(&'static str, f64)> {
         })
         .filter(|(_, v)| *v != 0.0)
         .collect()
-}
-
-/// Polls `check` every 10 ms until it holds; fails after 10 s with `what`.
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(Instant::now() < deadline, "not within 10 s: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// A tiny raw-TCP "upstream" for faults the stand-in cannot produce: each connection's
@@ -1004,9 +994,14 @@ async fn a_client_abandoning_a_large_response_frees_the_upstream_connection() {
         // A half-read response cannot be reused: tokengate must close that connection,
         // not keep it (and the upstream's 63 MiB) around.
         let open = relay.open.clone();
-        eventually("the abandoned upstream connection is closed", || {
-            open.load(Ordering::SeqCst) == 0
-        })
+        support::eventually(
+            "the abandoned upstream connection is closed",
+            Duration::from_secs(10),
+            || {
+                let closed = open.load(Ordering::SeqCst) == 0;
+                async move { closed.then_some(()) }
+            },
+        )
         .await;
     }
     assert_eq!(

@@ -1136,6 +1136,60 @@ async fn json_logs_carry_access_fields_and_each_refresh_failure_once() {
     }
 }
 
+/// Issue 18: a client set up with `HTTPS_PROXY` tunnels with CONNECT, and many client
+/// libraries hide the 405; the log names the cause once a minute per client address, with the
+/// base URL to use instead, and no secret.
+#[tokio::test]
+async fn a_connect_is_explained_in_the_log_once_a_minute_per_client() {
+    let hub = support::hub().await;
+    let mut p = Proc::spawn(&hub, "info");
+    p.wait_for("the first token", |e| message(e) == "token obtained")
+        .await;
+    let addr: SocketAddr = format!("127.0.0.1:{}", p.listen).parse().unwrap();
+    let connect = b"CONNECT api.bringg.com:443 HTTP/1.1\r\nHost: api.bringg.com:443\r\n\r\n";
+    for _ in 0..3 {
+        let res = support::raw(addr, connect).await;
+        assert!(res.starts_with("HTTP/1.1 405"), "{res}");
+        assert!(res.contains("connect_not_supported"), "{res}");
+    }
+    let warning = p
+        .wait_for("the CONNECT warning", |e| {
+            message(e).contains("a client sent CONNECT")
+        })
+        .await;
+    assert_eq!(warning["level"], "WARN");
+    assert_eq!(warning["integration"], "oms");
+    assert_eq!(warning["client"], "127.0.0.1");
+    let text = message(&warning);
+    assert!(text.contains("HTTPS_PROXY"), "{text}");
+    assert!(
+        text.contains(&format!("http://127.0.0.1:{}", p.listen)),
+        "{text}"
+    );
+    // The access lines come after the warning for each request; waiting for the third means
+    // every CONNECT was recorded.
+    let mut access = 0;
+    while access < 3 {
+        p.wait_for("a CONNECT access line", |e| {
+            is_access(e) && e["method"] == "CONNECT"
+        })
+        .await;
+        access += 1;
+    }
+    assert_eq!(p.terminate().await, 0);
+    let warnings = p
+        .events()
+        .iter()
+        .filter(|e| message(e).contains("a client sent CONNECT"))
+        .count();
+    assert_eq!(warnings, 1, "three CONNECTs within a minute, one warning");
+    let all = p.p.seen.join("\n");
+    assert!(
+        !all.contains("canary-log-secret"),
+        "a secret reached the log"
+    );
+}
+
 #[tokio::test]
 async fn tokengate_log_selects_levels_and_targets() {
     let hub = support::hub().await;

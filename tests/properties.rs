@@ -1,7 +1,7 @@
 //! Property tests (proptest) for the three pure functions that see hostile input first:
 //! the token-response parser (`token::client::parse_response`), the config parser
-//! (`Config::from_str`) and header hygiene (`proxy::strip_hop_by_hop`); plus the
-//! request-target rule (`proxy::upstream_uri`) with generated absolute-form tricks.
+//! (`Config::from_str`) and header hygiene (`proxy::hygiene::strip_hop_by_hop`); plus the
+//! request-target rule (`proxy::hygiene::upstream_uri`) with generated absolute-form tricks.
 //!
 //! The invariants themselves live in `fuzz/checks.rs`, shared with the cargo-fuzz targets;
 //! this file also replays `fuzz/seeds/`, so a CI without a nightly toolchain still runs every
@@ -18,7 +18,7 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 use tokengate::config::Config;
-use tokengate::proxy::strip_hop_by_hop;
+use tokengate::proxy::hygiene::strip_hop_by_hop;
 use tokengate::token::client::{parse_response, MAX_LIFETIME};
 
 fn config(cases: u32) -> ProptestConfig {

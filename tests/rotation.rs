@@ -51,25 +51,14 @@ impl K8sSecret {
     }
 }
 
+/// One integration `oms` on `hub`, its secret read from `secret`.
 fn toml(hub: &Hub, secret: &Path, extra: &str) -> String {
-    format!(
-        r#"
-[server]
-admin_listen = "{{admin}}"
-shutdown_grace = "5s"
-
-[[integration]]
-name = "oms"
-listen = "{{listen0}}"
-token_url = "{}"
-upstream = "{}"
-client_id = "rot-client"
-client_secret = {{ file = "{}" }}
-{extra}
-"#,
-        hub.token_url(),
-        hub.base_url(),
-        secret.display()
+    support::toml_with_client(
+        &hub.token_url(),
+        &hub.base_url(),
+        "rot-client",
+        &format!("{{ file = \"{}\" }}", secret.display()),
+        extra,
     )
 }
 

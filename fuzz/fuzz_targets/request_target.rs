@@ -1,6 +1,6 @@
 //! Fuzzes request-target handling: the input as hyper's `Uri` would parse it, then
 //! `check_absolute_form` and the upstream URI built from it
-//! (`tokengate::proxy::upstream_uri`), against three upstreams; the invariants of
+//! (`tokengate::proxy::hygiene::upstream_uri`), against three upstreams; the invariants of
 //! `../checks.rs` (never a URI for anyone but the upstream).
 #![no_main]
 

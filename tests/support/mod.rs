@@ -142,6 +142,24 @@ pub fn toml_for(hub: &Hub, extra: &str) -> String {
 /// The TOML of one integration `oms` with its own token endpoint and upstream (which may be
 /// different servers); `extra` lines go into its table.
 pub fn toml_with(token_url: &str, upstream: &str, extra: &str) -> String {
+    toml_with_client(
+        token_url,
+        upstream,
+        "test-client",
+        r#""test-secret""#,
+        extra,
+    )
+}
+
+/// [`toml_with`] with the client's own `client_id` and `client_secret`, the latter as TOML
+/// (a quoted string, or a source such as `{ file = "..." }`).
+pub fn toml_with_client(
+    token_url: &str,
+    upstream: &str,
+    client_id: &str,
+    client_secret: &str,
+    extra: &str,
+) -> String {
     format!(
         r#"
 [server]
@@ -151,13 +169,12 @@ shutdown_grace = "5s"
 [[integration]]
 name = "oms"
 listen = "{{listen0}}"
-token_url = "{}"
-upstream = "{}"
-client_id = "test-client"
-client_secret = "test-secret"
+token_url = "{token_url}"
+upstream = "{upstream}"
+client_id = "{client_id}"
+client_secret = {client_secret}
 {extra}
-"#,
-        token_url, upstream
+"#
     )
 }
 

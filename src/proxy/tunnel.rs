@@ -1,4 +1,4 @@
-//! Egress: how the upstream pool reaches a destination — a direct TCP connection, or a
+//! The tunnel: how the upstream pool reaches a destination — a direct TCP connection, or a
 //! CONNECT tunnel (RFC 9110 §9.3.6) through the egress proxy. hyper-rustls wraps this
 //! connector, so TLS to the destination runs end to end inside the tunnel and the proxy sees
 //! only the destination's host and port, never the token.
@@ -33,12 +33,12 @@ use crate::config::{proxy_name, Egress, Endpoint};
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The proxy's answer to CONNECT is a short head; anything longer is not a proxy.
-pub const MAX_RESPONSE_HEAD: usize = 8 * 1024;
+pub(crate) const MAX_RESPONSE_HEAD: usize = 8 * 1024;
 
 /// Why a tunnel could not be set up. `Display` names the proxy, the destination and what the
 /// proxy answered, then what to check; it never contains the credentials.
 #[derive(Debug, thiserror::Error)]
-pub enum TunnelError {
+pub(crate) enum TunnelError {
     #[error("cannot connect to the egress proxy {proxy}: {reason}; check server.egress_proxy (or HTTPS_PROXY) and that the proxy is running and reachable from this host")]
     Unreachable { proxy: String, reason: String },
     #[error("egress proxy {proxy} answered {status}{} to CONNECT {target}{}", reason_text(.reason), refusal_advice(*.status))]
@@ -82,19 +82,9 @@ fn refusal_advice(status: u16) -> &'static str {
     }
 }
 
-impl TunnelError {
-    /// The proxy's status code, when it answered with one.
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            TunnelError::Refused { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
-}
-
-/// The upstream pool's connector: one per [`crate::proxy::Route`], rebuilt with it on reload.
+/// The upstream pool's connector: one per [`super::Route`], rebuilt with it on reload.
 #[derive(Clone)]
-pub enum Connector {
+pub(crate) enum Connector {
     Direct(HttpConnector),
     Tunnel(TunnelConnector),
 }
@@ -102,7 +92,7 @@ pub enum Connector {
 impl Connector {
     /// `connect_timeout` bounds a direct connect, and the whole tunnel setup (connect to the
     /// proxy and its answer to CONNECT) for a tunnel.
-    pub fn new(egress: &Egress, connect_timeout: Duration) -> Connector {
+    pub(crate) fn new(egress: &Egress, connect_timeout: Duration) -> Connector {
         let mut http = HttpConnector::new();
         // The destination's scheme is https: TLS is added by the layer above.
         http.enforce_http(false);
@@ -133,7 +123,7 @@ impl std::fmt::Debug for Connector {
 /// An upstream connection as the pool sees it. hyper-util's `Connection` for a plain TCP
 /// stream attaches the peer and local addresses (`HttpInfo`) to every response it carries,
 /// three allocations per request that nothing in tokengate reads.
-pub struct UpstreamIo(TokioIo<TcpStream>);
+pub(crate) struct UpstreamIo(TokioIo<TcpStream>);
 
 impl Connection for UpstreamIo {
     fn connected(&self) -> Connected {
@@ -210,7 +200,7 @@ impl Service<Uri> for Connector {
 /// Opens CONNECT tunnels through one proxy. Cloned per connection attempt; the proxy's
 /// address and credentials are shared.
 #[derive(Clone)]
-pub struct TunnelConnector {
+pub(crate) struct TunnelConnector {
     http: HttpConnector,
     proxy: Arc<ProxyPeer>,
     timeout: Duration,
@@ -256,7 +246,7 @@ impl TunnelConnector {
 
     /// Connects to the proxy and asks it for a tunnel to `dst`'s host and port; the stream
     /// returned carries bytes to and from the destination.
-    pub async fn open(&self, dst: &Uri) -> Result<TokioIo<TcpStream>, TunnelError> {
+    pub(crate) async fn open(&self, dst: &Uri) -> Result<TokioIo<TcpStream>, TunnelError> {
         let target = authority_form(dst);
         let proxy = &self.proxy;
         let setup = async {
@@ -287,7 +277,11 @@ impl TunnelConnector {
 
 /// Sets up (and drops) one tunnel to `dest` exactly as the upstream pool would. For the
 /// token client's error messages: `None` when the route is direct or the tunnel works now.
-pub async fn probe(egress: &Egress, dest: &Endpoint, timeout: Duration) -> Option<TunnelError> {
+pub(crate) async fn probe(
+    egress: &Egress,
+    dest: &Endpoint,
+    timeout: Duration,
+) -> Option<TunnelError> {
     let Connector::Tunnel(tunnel) = Connector::new(egress, timeout) else {
         return None;
     };
@@ -442,7 +436,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("egress_proxy_auth"), "{text}");
-        assert_eq!(e.status(), Some(407));
+        assert!(matches!(e, TunnelError::Refused { status: 407, .. }));
         let e = Failure::Status(502, String::new()).into_error("http://p:1", "h:443");
         assert!(e
             .to_string()

@@ -1,0 +1,275 @@
+//! Request hygiene, pure and without I/O (the fuzz targets and property tests drive it
+//! directly): hop-by-hop headers out (RFC 9110 §7.6.1), the absolute-form rule that keeps
+//! tokengate from being an open proxy, the upstream URI built from a request target, and the
+//! request id. It decides nothing about tokens and sends nothing.
+
+use bytes::Bytes;
+use http::header::{self, HeaderName};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, HeaderValue, Uri};
+
+use crate::config::Endpoint;
+use crate::error::{ErrorCode, ProxyError};
+
+/// Turns a request target into the URI sent upstream: an absolute-form target must pass
+/// [`check_absolute_form`] (when `check_host`: HTTP/1 only), only a path (origin-form, or
+/// the path of an absolute-form target) is forwarded, appended to the upstream's base path
+/// and always sent to `scheme://authority`, the upstream's. No I/O, so the fuzz target can
+/// drive it directly.
+pub fn upstream_uri(
+    target: &Uri,
+    check_host: bool,
+    upstream: &Endpoint,
+    scheme: &Scheme,
+    authority: &Authority,
+) -> Result<Uri, ProxyError> {
+    if check_host {
+        check_absolute_form(target, upstream)?;
+    }
+    let Some(target) = target.path_and_query() else {
+        return Err(ProxyError::new(
+            ErrorCode::BadRequest,
+            "the request target has no path",
+        ));
+    };
+    if !target.as_str().starts_with('/') {
+        return Err(ProxyError::new(
+            ErrorCode::BadRequest,
+            "only origin-form (/path) and absolute-form (http://host/path) targets are forwarded",
+        ));
+    }
+    let cannot_build = |e: http::Error| {
+        ProxyError::new(
+            ErrorCode::BadRequest,
+            format!("cannot build the upstream URL: {e}"),
+        )
+    };
+    let base = &upstream.base_path;
+    let pq = if base.is_empty() {
+        target.clone()
+    } else {
+        PathAndQuery::try_from(format!("{base}{}", target.as_str()))
+            .map_err(|e| cannot_build(e.into()))?
+    };
+    Uri::builder()
+        .scheme(scheme.clone())
+        .authority(authority.clone())
+        .path_and_query(pq)
+        .build()
+        .map_err(cannot_build)
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy credentials, which belong to the hop
+/// between the client and tokengate.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name.as_str())
+}
+
+/// Removes hop-by-hop headers, including every header the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Nearly every message has none of them, or only `Connection: keep-alive` (an HTTP/1.1
+    // upstream sends it on every response): look at the names the message has rather than
+    // look up each name it might have.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    if headers.contains_key(header::CONNECTION) {
+        // The values are reference-counted, so copying them out is cheap and frees `headers`
+        // for removal; removing by `&str` lowercases on the stack instead of allocating a
+        // `HeaderName` per listed option. Split the bytes, not a `to_str`: one obs-text byte
+        // anywhere in the value must not keep the headers it names (RFC 9110 §7.6.1) from
+        // being removed (a name itself is ASCII, so a piece that is not UTF-8 names nothing).
+        // The first line is copied on its own: with one `Connection` line (`keep-alive` on
+        // every HTTP/1.1 upstream response) the rest is empty, which allocates nothing.
+        let mut lines = headers.get_all(header::CONNECTION).iter();
+        let first = lines.next().cloned();
+        let rest: Vec<HeaderValue> = lines.cloned().collect();
+        for value in first.iter().chain(&rest) {
+            for name in value.as_bytes().split(|b| *b == b',') {
+                if let Ok(name) = std::str::from_utf8(name.trim_ascii()) {
+                    if !name.is_empty() {
+                        headers.remove(name);
+                    }
+                }
+            }
+        }
+    }
+    while let Some(name) = headers.keys().find(|n| is_hop_by_hop(n)).cloned() {
+        headers.remove(name);
+    }
+}
+
+/// Checks an absolute-form target (a client using `HTTP_PROXY`) against the upstream: same
+/// host (case-insensitive, without a trailing dot) and port absent, 80 or the upstream's.
+pub fn check_absolute_form(uri: &Uri, upstream: &Endpoint) -> Result<(), ProxyError> {
+    let Some(authority) = uri.authority() else {
+        return Ok(());
+    };
+    let deny = |why: String| {
+        ProxyError::new(
+            ErrorCode::HostNotAllowed,
+            format!(
+                "{why}; this integration only forwards to {} (tokengate is not an open proxy)",
+                upstream.authority
+            ),
+        )
+    };
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => {
+            return Err(deny(
+                "only http:// absolute-form targets are accepted".into(),
+            ))
+        }
+    }
+    if authority.as_str().contains('@') {
+        return Err(deny(
+            "a target with user information is not accepted".into(),
+        ));
+    }
+    let host = authority.host();
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if !host.eq_ignore_ascii_case(&upstream.host) {
+        return Err(deny(format!("host {host} is not the upstream's host")));
+    }
+    match authority.port_u16() {
+        None | Some(80) => Ok(()),
+        Some(p) if p == upstream.port => Ok(()),
+        Some(p) => Err(deny(format!("port {p} is not the upstream's port"))),
+    }
+}
+
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    match headers.get(X_REQUEST_ID) {
+        Some(v) if !v.is_empty() && v.len() <= 200 => v.clone(),
+        _ => {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            let mut n = fastrand::u128(..);
+            let mut buf = [0u8; 32];
+            for b in buf.iter_mut() {
+                *b = HEX[(n & 0xf) as usize];
+                n >>= 4;
+            }
+            // Owned, the bytes are shared from the start: the id's three copies (upstream
+            // request, response, access line) cost no allocation of their own. Hex digits are
+            // always a valid header value.
+            HeaderValue::from_maybe_shared(Bytes::from_owner(buf))
+                .unwrap_or(HeaderValue::from_static("-"))
+        }
+    }
+}
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(url: &str) -> Endpoint {
+        let u = url::Url::parse(url).unwrap();
+        let host = u.host_str().unwrap().trim_end_matches('.').to_lowercase();
+        let port = u.port_or_known_default().unwrap();
+        Endpoint {
+            tls: u.scheme() == "https",
+            authority: host.clone(),
+            host,
+            port,
+            base_path: String::new(),
+            url: u,
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("close, X-Secret-Hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            "proxy-authorization",
+            HeaderValue::from_static("Basic Zm9v"),
+        );
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        // A second Connection line, mixed case and an option that is no valid name.
+        h.append(
+            "connection",
+            HeaderValue::from_static("X-Other-Hop , bad name"),
+        );
+        h.insert("x-other-hop", HeaderValue::from_static("1"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        // An obs-text byte in one listed option does not shield the others.
+        h.append(
+            "connection",
+            HeaderValue::from_bytes(b"x-hop-a, caf\xe9, x-hop-b").unwrap(),
+        );
+        h.insert("x-hop-a", HeaderValue::from_static("1"));
+        h.insert("x-hop-b", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn end_to_end_headers_stay() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        h.insert("x-request-id", HeaderValue::from_static("abc"));
+        h.append("x-request-id", HeaderValue::from_static("def"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
+    }
+
+    #[test]
+    fn absolute_form_rule() {
+        let up = endpoint("https://api.bringg.com");
+        let ok = |u: &str| check_absolute_form(&u.parse().unwrap(), &up).is_ok();
+        assert!(ok("/v2/orders"));
+        assert!(ok("http://api.bringg.com/v2/orders"));
+        assert!(ok("http://API.Bringg.COM./v2/orders"));
+        assert!(ok("http://api.bringg.com:80/v2/orders"));
+        assert!(ok("http://api.bringg.com:443/v2/orders"));
+        assert!(!ok("http://api.bringg.com:8080/v2/orders"));
+        assert!(!ok("http://evil.example/v2/orders"));
+        assert!(!ok("http://api.bringg.com.evil.example/v2/orders"));
+        assert!(!ok("http://user@api.bringg.com/v2/orders"));
+        assert!(!ok("http://api.bringg.com@evil.example/v2/orders"));
+        assert!(!ok("http://10.0.0.1/v2/orders"));
+        assert!(!ok("http://[::1]/v2/orders"));
+        assert!(!ok("ftp://api.bringg.com/v2/orders"));
+        let ip = endpoint("http://127.0.0.1:9000");
+        assert!(check_absolute_form(&"http://127.0.0.1:9000/x".parse().unwrap(), &ip).is_ok());
+        assert!(check_absolute_form(&"http://127.0.0.2:9000/x".parse().unwrap(), &ip).is_err());
+    }
+
+    #[test]
+    fn request_ids_are_kept_or_made() {
+        let mut h = HeaderMap::new();
+        let made = request_id(&h);
+        assert_eq!(made.len(), 32);
+        assert_ne!(made, request_id(&h));
+        h.insert("x-request-id", HeaderValue::from_static("abc-1"));
+        assert_eq!(request_id(&h), "abc-1");
+    }
+}
