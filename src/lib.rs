@@ -53,11 +53,6 @@ pub mod telemetry;
 pub mod tls;
 pub mod token;
 
-// The token client's diagnosis of a failed tunnel (`token::client`) still names the CONNECT
-// handshake by its old path; the token room is being changed on another branch, so the alias
-// stays until that branch names `proxy::tunnel` itself.
-pub(crate) use proxy::tunnel as egress;
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

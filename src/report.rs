@@ -4,8 +4,13 @@
 //! the outcome to an exit code. It starts nothing that keeps running.
 #![allow(clippy::print_stdout)] // the CLI's output path: the reports, and `token --show-token`
 
-use crate::config::{Config, TokenSettings};
+use std::time::Duration;
+
+use crate::config::{Config, OnUnavailable, TokenSettings};
 use crate::token::client::{Issued, TokenClient};
+use crate::token::fleet::protocol::Backend;
+use crate::token::fleet::seal::{Sealed, Sealer};
+use crate::token::fleet::store::RedisBackend;
 
 /// Why a report ends in failure; the binary chooses the exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,9 +26,145 @@ pub enum ReportError {
 pub async fn check(config: &Config, fetch: bool) -> Result<(), ReportError> {
     summary(config);
     routes(config);
+    fleet(config);
     warnings(config);
     if fetch {
-        fetch_tokens(config).await
+        let tokens = fetch_tokens(config).await;
+        let fleet = fleet_entries(config).await;
+        tokens.and(fleet)
+    } else {
+        Ok(())
+    }
+}
+
+/// Where `[fleet]`'s Redis is, without credentials: `redis://host:port/db`.
+fn redis_location(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(u) => format!(
+            "{}://{}:{}{}",
+            u.scheme(),
+            u.host_str().unwrap_or(""),
+            u.port().unwrap_or(6379),
+            u.path()
+        ),
+        Err(_) => "an unparsable URL".into(),
+    }
+}
+
+/// Fleet mode: the Redis, and each integration's fleet id (or that it fetches alone).
+fn fleet(config: &Config) {
+    let Some(fleet) = &config.fleet else {
+        return;
+    };
+    println!();
+    println!(
+        "fleet: Redis at {} (redis_url from {}), keys under {}:{{<fleet id>}}:",
+        redis_location(fleet.redis_url.value.expose()),
+        fleet.redis_url.source.describe(),
+        fleet.key_prefix
+    );
+    let rows: Vec<[String; 4]> = config
+        .integrations
+        .iter()
+        .map(|i| match &i.token.fleet {
+            Some(m) => [
+                i.name.clone(),
+                m.id.clone(),
+                humantime::format_duration(m.wait_for_peer).to_string(),
+                match m.on_unavailable {
+                    OnUnavailable::FetchLocally => "fetch_locally".into(),
+                    OnUnavailable::Hold => "hold".into(),
+                },
+            ],
+            None => [
+                i.name.clone(),
+                "(not in the fleet: fetches its own tokens)".into(),
+                String::new(),
+                String::new(),
+            ],
+        })
+        .collect();
+    print_table(
+        ["integration", "fleet id", "wait_for_peer", "on_unavailable"],
+        &rows,
+    );
+}
+
+/// `check --fetch` in fleet mode: each member's entry in Redis (generation, remaining
+/// lifetime, who fetched it, whether it opens with this client secret) and the claim; never
+/// the token.
+async fn fleet_entries(config: &Config) -> Result<(), ReportError> {
+    let Some(fleet) = &config.fleet else {
+        return Ok(());
+    };
+    println!();
+    let backend = match RedisBackend::new(fleet) {
+        Ok(b) => b,
+        Err(e) => {
+            println!("fleet: {e}");
+            return Err(ReportError::Fetch);
+        }
+    };
+    let mut failed = false;
+    for i in &config.integrations {
+        let Some(member) = &i.token.fleet else {
+            continue;
+        };
+        let entry = backend.read(&member.id).await;
+        let claim = backend.claim_holder(&member.id).await;
+        match (entry, claim) {
+            (Ok(entry), Ok(claim)) => {
+                let entry = match entry {
+                    None => "no entry (the first tokengate to start fetches one)".to_owned(),
+                    Some(e) => {
+                        let sealer = Sealer::new(i.token.client_secret.value.expose(), &member.id);
+                        let opens = sealer
+                            .open(
+                                &e.sealed,
+                                Sealed {
+                                    generation: e.generation,
+                                    lifetime_ms: e.lifetime_ms,
+                                },
+                            )
+                            .is_some();
+                        format!(
+                            "generation {}, {} left of {}, fetched by {}, {}",
+                            e.generation,
+                            humantime::format_duration(Duration::from_secs(
+                                e.remaining
+                                    .min(Duration::from_millis(e.lifetime_ms))
+                                    .as_secs()
+                            )),
+                            humantime::format_duration(Duration::from_millis(e.lifetime_ms)),
+                            if e.by.is_empty() { "?" } else { &e.by },
+                            if opens {
+                                "opens with this client_secret"
+                            } else {
+                                "does NOT open with this client_secret (another secret, or not written by tokengate): it will be replaced"
+                            }
+                        )
+                    }
+                };
+                let claim = match claim {
+                    None => "no claim".to_owned(),
+                    Some((holder, left)) => format!(
+                        "claimed by {holder} for {} more",
+                        humantime::format_duration(Duration::from_millis(left.as_millis() as u64))
+                    ),
+                };
+                println!("{} (fleet {}): {entry}; {claim}", i.name, member.id);
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                failed = true;
+                println!(
+                    "{} (fleet {}): cannot read the fleet entry: {e}",
+                    i.name, member.id
+                );
+            }
+        }
+    }
+    if failed {
+        Err(ReportError::Fetch)
     } else {
         Ok(())
     }

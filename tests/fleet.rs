@@ -759,3 +759,47 @@ async fn a_rotated_secret_reseals_and_members_on_the_new_secret_share_one_fetch(
     assert_eq!(generation(&members[0]).await, generation(&members[1]).await);
     stop_all(members).await;
 }
+
+#[tokio::test]
+async fn check_shows_the_fleet_and_check_fetch_reports_the_entry_never_the_token() {
+    let redis = Redis::start().await;
+    redis
+        .cmd(&["CONFIG", "SET", "requirepass", "hunter2-pw"])
+        .await
+        .unwrap();
+    let hub = support::hub().await;
+    let url = redis.url().replace("redis://", "redis://:hunter2-pw@");
+    let toml = format!(
+        "{}\n[fleet]\nredis_url = \"{url}\"\n",
+        support::toml_for(&hub, "fleet_id = \"oms-prod\"")
+    );
+    let tg = support::start_toml(&toml).await;
+    tg.ready().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokengate.toml");
+    let file = toml
+        .replace("{admin}", "127.0.0.1:0")
+        .replace("{listen0}", "127.0.0.1:0");
+    std::fs::write(&path, file).unwrap();
+    let path = path.to_str().unwrap();
+
+    let (code, out, err) = support::process::output(&["check", "--config", path]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!("fleet: Redis at redis://127.0.0.1:{}", redis.port)),
+        "{out}"
+    );
+    assert!(out.contains("oms-prod"), "{out}");
+
+    let (code, out, err) = support::process::output(&["check", "--fetch", "--config", path]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("oms (fleet oms-prod): generation 1"), "{out}");
+    assert!(out.contains("opens with this client_secret"), "{out}");
+    assert!(out.contains("no claim"), "{out}");
+    let all = format!("{out}{err}");
+    assert!(!all.contains("hunter2-pw"), "no Redis password: {all}");
+    for token in hub.issued_tokens() {
+        assert!(!all.contains(&token), "no token");
+    }
+    tg.stop().await;
+}

@@ -87,8 +87,6 @@ pub enum FetchError {
     Tls(String),
     #[error("token endpoint sent an unusable response (HTTP {status}): {reason}")]
     BadResponse { status: u16, reason: String },
-    #[error("cannot set up the token client: {0}")]
-    Setup(String),
 }
 
 fn describe(error: &Option<String>, description: &Option<String>) -> String {
@@ -124,7 +122,7 @@ impl FetchError {
             FetchError::RateLimited { .. } => "rate_limited",
             FetchError::ServerError { .. } => "server_error",
             FetchError::Timeout(_) => "timeout",
-            FetchError::Connect(_) | FetchError::Proxy(_) | FetchError::Setup(_) => "connect",
+            FetchError::Connect(_) | FetchError::Proxy(_) => "connect",
             FetchError::Tls(_) => "tls",
             FetchError::BadResponse { .. } => "bad_response",
         }
@@ -305,7 +303,7 @@ fn form_encode(s: &str) -> String {
 /// A request that got no response. Through a proxy, a connect failure is the proxy's (the
 /// only TCP connection is to it), and reqwest reports it only as "proxy authorization
 /// required" or "unsuccessful" (hyper-util's tunnel keeps no status line and its error type
-/// is private). So the CONNECT is repeated once with [`crate::egress::probe`] to learn what
+/// is private). So the CONNECT is repeated once with [`crate::proxy::tunnel::probe`] to learn what
 /// the proxy answers: the same message the upstream pool gives for the same failure.
 async fn send_error(e: reqwest::Error, s: &TokenSettings) -> FetchError {
     let Egress::Proxy { url, .. } = &s.egress else {
@@ -314,7 +312,7 @@ async fn send_error(e: reqwest::Error, s: &TokenSettings) -> FetchError {
     if e.is_timeout() || !e.is_connect() || crate::error::find_tls_error(&e).is_some() {
         return transport_error(e, s.timeout);
     }
-    match crate::egress::probe(&s.egress, &s.token_url, s.timeout).await {
+    match crate::proxy::tunnel::probe(&s.egress, &s.token_url, s.timeout).await {
         Some(tunnel) => FetchError::Proxy(tunnel.to_string()),
         // The tunnel works now, so the failure was passing: report what reqwest saw.
         None => FetchError::Proxy(format!(
