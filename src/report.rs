@@ -226,26 +226,11 @@ fn routes(config: &Config) {
     print_table(["integration", "endpoint", "route"], &routes);
 }
 
-/// The loader's warnings, and a refresh margin too short to ride out a slow token endpoint.
+/// The loader's warnings.
 fn warnings(config: &Config) {
-    let mut warnings = config.warnings.clone();
-    for i in &config.integrations {
-        // The lifetime tokengate expects: what it asks for, else what it assumes.
-        let lifetime = i.token.ttl.unwrap_or(i.token.assume_lifetime);
-        let margin = lifetime.mul_f64(1.0 - i.token.refresh_at);
-        if margin < std::time::Duration::from_secs(30) {
-            warnings.push(format!(
-                "integration {}: refresh_at = {} leaves {} before a {} token expires; a slow or failing token endpoint then means 503s — lower refresh_at or ask for a longer ttl",
-                i.name,
-                i.token.refresh_at,
-                humantime::format_duration(margin),
-                humantime::format_duration(lifetime)
-            ));
-        }
-    }
-    if !warnings.is_empty() {
+    if !config.warnings.is_empty() {
         println!();
-        for w in &warnings {
+        for w in &config.warnings {
             println!("warning: {w}");
         }
     }

@@ -253,6 +253,21 @@ impl<'a> Loader<'a> {
             integrations.push(integration);
         }
 
+        for i in &integrations {
+            // The lifetime tokengate expects: what it asks for, else what it assumes.
+            let lifetime = i.token.ttl.unwrap_or(i.token.assume_lifetime);
+            let margin = lifetime.mul_f64(1.0 - i.token.refresh_at);
+            if margin < Duration::from_secs(30) {
+                self.warn(format!(
+                    "integration {}: refresh_at = {} leaves {} before a {} token expires; a slow or failing token endpoint then means 503s — lower refresh_at or ask for a longer ttl",
+                    i.name,
+                    i.token.refresh_at,
+                    humantime::format_duration(margin),
+                    humantime::format_duration(lifetime)
+                ));
+            }
+        }
+
         Ok(Config {
             path: self.path.to_path_buf(),
             server,
