@@ -10,7 +10,8 @@
 #     │  resources, scraping, Secret directory mounts
 #     ├─ the ConfigMap's tokengate.toml ──▶ `tokengate check` with placeholder secret files
 #     ├─ the PrometheusRule's groups ──▶ `promtool check rules`; equal to the operations
-#     │  script's rule file (.ci/e2e/prometheus-alerts.yml); the dashboard's queries parse
+#     │  script's rule file (.ci/e2e/prometheus-alerts.yml); the dashboard's queries parse;
+#     │  `promtool test rules` on the fleet alerts (lib/prometheus-alerts-test.yml)
 #     └─ every metric the dashboard and alerts name is one tokengate registers in
 #        src/telemetry.rs (tokengate_fleet_* SKIPped while the binary predates fleet mode)
 #   deploy/systemd ──▶ `systemd-analyze verify`, `systemd-analyze security --offline`,
@@ -40,6 +41,7 @@ SYSTEMD=$REPO_ROOT/deploy/systemd
 DOCKERFILE=$REPO_ROOT/deploy/docker/Dockerfile
 CHECKS=$HERE/lib/deploy_checks.py
 QUERIES=$HERE/lib/queries.py
+ALERTS_TEST=$HERE/lib/prometheus-alerts-test.yml
 REQUIREMENTS=$HERE/lib/deploy-requirements.txt
 CACHE_DIR=${TOKENGATE_CI_CACHE:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/tokengate-ci}
 
@@ -94,8 +96,8 @@ py_checks() {
 
 [[ -x $TOKENGATE_BIN ]] ||
   die "no tokengate binary at $TOKENGATE_BIN (cargo build --release, or set TOKENGATE_BIN)"
-for f in "$CHECKS" "$QUERIES" "$REQUIREMENTS" "$DOCKERFILE" "$SYSTEMD/tokengate.service" \
-  "$SYSTEMD/tokengate.toml" "$KUBE/base/kustomization.yaml"; do
+for f in "$CHECKS" "$QUERIES" "$ALERTS_TEST" "$REQUIREMENTS" "$DOCKERFILE" \
+  "$SYSTEMD/tokengate.service" "$SYSTEMD/tokengate.toml" "$KUBE/base/kustomization.yaml"; do
   [[ -f $f ]] || die "missing $f"
 done
 
@@ -270,6 +272,13 @@ if timeout "$TOOL_WAIT" promtool check rules "$WORK/rules.yml" >"$WORK/promtool.
   pass "promtool check rules: the PrometheusRule's groups ($(sed -n 's/.*SUCCESS: \([0-9]*\) rules found.*/\1/p' "$WORK/promtool.log") rules)"
 else
   fail "promtool check rules rejects the PrometheusRule's groups: $(tail -n 5 "$WORK/promtool.log")"
+fi
+# The fleet alerts' arithmetic on made-up fleet histories (a healthy fleet, one that does not
+# share, a rolling restart, Redis down): they fire when they should and only then.
+if timeout "$TOOL_WAIT" promtool test rules "$ALERTS_TEST" >"$WORK/promtool-test.log" 2>&1; then
+  pass "promtool test rules: the fleet alerts on $(grep -c '^  - interval:' "$ALERTS_TEST") made-up histories (lib/prometheus-alerts-test.yml)"
+else
+  fail "promtool test rules $ALERTS_TEST: $(grep -v '^$' "$WORK/promtool-test.log" | head -n 15)"
 fi
 if [[ $FLEET_SUPPORTED == 1 ]]; then
   py_checks metrics "$WORK/base.yaml" "$REPO_ROOT/src/telemetry.rs"
