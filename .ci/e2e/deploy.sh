@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
 # Checks of tokengate's deployment artefacts (deploy/) with the real tools, offline:
 #
-#   deploy/kubernetes/{base,overlays/example,overlays/pre-1.29} ──kubectl kustomize──▶ YAML
+#   deploy/kubernetes/{base,overlays/example,overlays/pre-1.29,overlays/fleet} ──kubectl kustomize──▶ YAML
 #     ├─ kubernetes-validate (PyPI, pinned, in a venv): built-in kinds against the Kubernetes
 #     │  1.29 and newest schemas, strict; pre-1.29 also against 1.25; PodMonitor and
 #     │  PrometheusRule: their required fields (lib/deploy_checks.py)
 #     ├─ shape: native sidecar (init container, restartPolicy Always, startupProbe /readyz)
-#     │  in base and example, an ordinary container in pre-1.29; probes, securityContext,
-#     │  resources, scraping, Secret directory mounts
+#     │  in base, example and fleet, an ordinary container in pre-1.29; probes,
+#     │  securityContext, resources, scraping, Secret directory mounts
+#     ├─ fleet: base's tokengate.toml plus [fleet], redis_url from a Secret, replicas, a
+#     │  NetworkPolicy to Redis, DNS and HTTPS
 #     ├─ the ConfigMap's tokengate.toml ──▶ `tokengate check` with placeholder secret files
+#     │  (and placeholder environment variables from secretKeyRefs); fleet's is SKIPped while
+#     │  the binary predates fleet mode (rejects the [fleet] key as unknown)
 #     ├─ the PrometheusRule's groups ──▶ `promtool check rules`; equal to the operations
-#     │  script's rule file (.ci/e2e/prometheus-alerts.yml); the dashboard's queries parse
-#     └─ every metric the dashboard and alerts name is one tokengate exports
+#     │  script's rule file (.ci/e2e/prometheus-alerts.yml); the dashboard's queries parse;
+#     │  `promtool test rules` on the fleet alerts (lib/prometheus-alerts-test.yml)
+#     └─ every metric the dashboard and alerts name is one tokengate registers in
+#        src/telemetry.rs (tokengate_fleet_* SKIPped while the binary predates fleet mode)
 #   deploy/systemd ──▶ `systemd-analyze verify`, `systemd-analyze security --offline`,
 #                      its tokengate.toml ──▶ `tokengate check`
 #   deploy/docker/Dockerfile ──▶ its build step is CI's (`cargo build --release --locked`),
@@ -39,6 +45,7 @@ SYSTEMD=$REPO_ROOT/deploy/systemd
 DOCKERFILE=$REPO_ROOT/deploy/docker/Dockerfile
 CHECKS=$HERE/lib/deploy_checks.py
 QUERIES=$HERE/lib/queries.py
+ALERTS_TEST=$HERE/lib/prometheus-alerts-test.yml
 REQUIREMENTS=$HERE/lib/deploy-requirements.txt
 CACHE_DIR=${TOKENGATE_CI_CACHE:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/tokengate-ci}
 
@@ -81,6 +88,7 @@ py_checks() {
     case $line in
       "PASS: "*) pass "${line#PASS: }" ;;
       "FAIL: "*) fail "${line#FAIL: }" ;;
+      "SKIP: "*) say "$line" ;;
       "") ;;
       *) say "  $line" ;;
     esac
@@ -92,8 +100,8 @@ py_checks() {
 
 [[ -x $TOKENGATE_BIN ]] ||
   die "no tokengate binary at $TOKENGATE_BIN (cargo build --release, or set TOKENGATE_BIN)"
-for f in "$CHECKS" "$QUERIES" "$REQUIREMENTS" "$DOCKERFILE" "$SYSTEMD/tokengate.service" \
-  "$SYSTEMD/tokengate.toml" "$KUBE/base/kustomization.yaml"; do
+for f in "$CHECKS" "$QUERIES" "$ALERTS_TEST" "$REQUIREMENTS" "$DOCKERFILE" \
+  "$SYSTEMD/tokengate.service" "$SYSTEMD/tokengate.toml" "$KUBE/base/kustomization.yaml"; do
   [[ -f $f ]] || die "missing $f"
 done
 
@@ -145,8 +153,35 @@ if ! "$VENV/bin/python" -c 'import kubernetes_validate, yaml' 2>/dev/null; then
 fi
 pass "kubernetes-validate $("$VENV/bin/kubernetes-validate" --version) in $VENV"
 
+# ---- does the binary know fleet mode? ----
+# Fleet mode's configuration ([fleet]) comes with the binary's fleet support. Until then the
+# binary rejects the key, and the checks that need it say SKIP (never PASS): the fleet
+# overlay's `tokengate check` and the fleet metrics' registration. Once the binary accepts
+# [fleet], they run for real.
+FLEET_PROBE=$WORK/fleet-probe
+mkdir -p "$FLEET_PROBE"
+printf 'probe-secret\n' >"$FLEET_PROBE/client_secret"
+cat >"$FLEET_PROBE/tokengate.toml" <<EOF
+[fleet]
+redis_url = "redis://127.0.0.1:1"
+
+[[integration]]
+name = "probe"
+listen = "127.0.0.1:8081"
+token_url = "https://127.0.0.1:1/oauth/token"
+client_id = "probe"
+client_secret = { file = "$FLEET_PROBE/client_secret" }
+EOF
+timeout "$TOOL_WAIT" "$TOKENGATE_BIN" check --config "$FLEET_PROBE/tokengate.toml" >"$FLEET_PROBE/check.out" 2>&1 || true
+if grep -q 'unknown key .fleet.' "$FLEET_PROBE/check.out"; then
+  FLEET_SUPPORTED=0
+  say "SKIP: this tokengate predates fleet mode ($(head -n 1 "$FLEET_PROBE/check.out")): the fleet overlay's tokengate check and the fleet metrics' registration are skipped"
+else
+  FLEET_SUPPORTED=1
+fi
+
 # ---- kustomize builds ----
-BUILDS=(base overlays/example overlays/pre-1.29)
+BUILDS=(base overlays/example overlays/pre-1.29 overlays/fleet)
 for b in "${BUILDS[@]}"; do
   out=$WORK/$(basename "$b").yaml
   if timeout "$TOOL_WAIT" kubectl kustomize "$KUBE/$b" >"$out" 2>"$WORK/kustomize.err"; then
@@ -161,6 +196,7 @@ done
 py_checks validate "$WORK/base.yaml" --label base "${NATIVE_VERSIONS[@]/#/--k8s=}"
 py_checks validate "$WORK/example.yaml" --label example "${NATIVE_VERSIONS[@]/#/--k8s=}"
 py_checks validate "$WORK/pre-1.29.yaml" --label pre-1.29 "${PRE_129_VERSIONS[@]/#/--k8s=}"
+py_checks validate "$WORK/fleet.yaml" --label fleet "${NATIVE_VERSIONS[@]/#/--k8s=}"
 # The negative control: the same strict validation must reject the base's native sidecar on
 # a schema from before sidecars, or it would not have caught a misspelt field either.
 if timeout "$TOOL_WAIT" "$VENV/bin/python" "$CHECKS" validate "$WORK/base.yaml" \
@@ -176,6 +212,8 @@ fi
 py_checks shape "$WORK/base.yaml" native --label base
 py_checks shape "$WORK/example.yaml" native --label example
 py_checks shape "$WORK/pre-1.29.yaml" ordinary --label pre-1.29
+py_checks shape "$WORK/fleet.yaml" native --label fleet
+py_checks fleet "$WORK/fleet.yaml" "$KUBE/base/tokengate.toml"
 
 # The resource figures come from the benchmark and say so, in one place (the base).
 DEPLOYMENT=$KUBE/base/deployment.yaml
@@ -190,9 +228,10 @@ if [[ -f $REPO_ROOT/bench/RESULTS.md ]] && grep -q 'bench/RESULTS.md: <fill>' "$
 fi
 
 # ---- the ConfigMap's tokengate.toml passes `tokengate check` ----
-tokengate_check() {  # label dir
-  local label=$1 dir=$2 rc=0 value leaked=0
-  timeout "$TOOL_WAIT" "$TOKENGATE_BIN" check --config "$dir/tokengate.toml" >"$dir/check.out" 2>&1 || rc=$?
+tokengate_check() {  # label dir   (dir/env: NAME=VALUE lines for its environment, if any)
+  local label=$1 dir=$2 rc=0 value leaked=0 envs=()
+  if [[ -f $dir/env ]]; then mapfile -t envs <"$dir/env"; fi
+  timeout "$TOOL_WAIT" env -- "${envs[@]}" "$TOKENGATE_BIN" check --config "$dir/tokengate.toml" >"$dir/check.out" 2>&1 || rc=$?
   if [[ $rc == 0 ]]; then
     pass "$label: tokengate check accepts the config and reads every secret file"
   else
@@ -213,10 +252,12 @@ tokengate_check() {  # label dir
     fail "$label: tokengate check printed a placeholder secret"
   fi
 }
-for b in base example pre-1.29; do
+for b in base example pre-1.29 fleet; do
   mkdir -p "$WORK/config-$b"
   py_checks config "$WORK/$b.yaml" "$WORK/config-$b" --label "$b"
-  if [[ -s $WORK/config-$b/tokengate.toml ]]; then
+  if [[ $b == fleet && $FLEET_SUPPORTED == 0 ]]; then
+    say "SKIP: fleet: tokengate check (this tokengate predates fleet mode and rejects [fleet])"
+  elif [[ -s $WORK/config-$b/tokengate.toml ]]; then
     tokengate_check "$b" "$WORK/config-$b"
   else
     fail "$b: no tokengate.toml extracted"
@@ -243,7 +284,18 @@ if timeout "$TOOL_WAIT" promtool check rules "$WORK/rules.yml" >"$WORK/promtool.
 else
   fail "promtool check rules rejects the PrometheusRule's groups: $(tail -n 5 "$WORK/promtool.log")"
 fi
-py_checks metrics "$WORK/base.yaml" "$REPO_ROOT/src/telemetry.rs"
+# The fleet alerts' arithmetic on made-up fleet histories (a healthy fleet, one that does not
+# share, a rolling restart, Redis down): they fire when they should and only then.
+if timeout "$TOOL_WAIT" promtool test rules "$ALERTS_TEST" >"$WORK/promtool-test.log" 2>&1; then
+  pass "promtool test rules: the fleet alerts on $(grep -c '^  - interval:' "$ALERTS_TEST") made-up histories (lib/prometheus-alerts-test.yml)"
+else
+  fail "promtool test rules $ALERTS_TEST: $(grep -v '^$' "$WORK/promtool-test.log" | head -n 15)"
+fi
+if [[ $FLEET_SUPPORTED == 1 ]]; then
+  py_checks metrics "$WORK/base.yaml" "$REPO_ROOT/src/telemetry.rs"
+else
+  py_checks metrics "$WORK/base.yaml" "$REPO_ROOT/src/telemetry.rs" --skip-missing tokengate_fleet_
+fi
 
 # lib/queries.py is what the operations script evaluates against a real Prometheus; here every
 # line it prints must be PromQL that promtool parses (as a recording rule).

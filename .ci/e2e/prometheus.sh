@@ -14,6 +14,15 @@
 # alert's expression without its threshold (each must return data), checks that every rule
 # evaluates cleanly and that the 5xx alert is pending, and that tokengate exits 0 on SIGTERM.
 #
+# Fleet mode, beside it: a redis-server of its own (Debian's, installed by
+# .ci/install-redis-server.sh when missing) on a free loopback port, two tokengate members
+# sharing it (integration "fleet": one token request between them, one generation, an
+# adoption; every tokengate_fleet_* series there from the start) and one whose Redis is
+# unreachable (redis://127.0.0.1:1, integration "fleet_down": redis_up 0, the same series,
+# a token fetched alone, TokengateFleetRedisDown pending). The fleet alerts and the dashboard's
+# Fleet row are evaluated against them. While the binary predates fleet mode (it rejects
+# [fleet] as an unknown key), this part and the queries that need it say SKIP.
+#
 # Usage: .ci/e2e/prometheus.sh     (root or an installed prometheus; curl, python3, cargo)
 #   TOKENGATE_BIN  tokengate binary (default: <repo>/target/release/tokengate)
 #   STANDIN_BIN    stand-in binary (default: built with cargo build --release --example standin)
@@ -157,6 +166,76 @@ PROXY=http://127.0.0.1:$LISTEN_PORT
 wait_until "$READY_WAIT" is_200 "$ADMIN/readyz" || die "tokengate not ready within ${READY_WAIT}s"
 pass "tokengate ready ($ADMIN/readyz)"
 
+# ---- fleet mode: two members sharing a redis-server, one that cannot reach Redis ----
+# fleet_config ADMIN_PORT LISTEN_PORT INTEGRATION REDIS_URL: a member's configuration.
+fleet_config() {
+  cat <<EOF
+[server]
+admin_listen = "127.0.0.1:$1"
+log_format = "json"
+shutdown_grace = "5s"
+
+[fleet]
+redis_url = "$4"
+wait_for_peer = "3s"
+on_unavailable = "fetch_locally"
+
+[[integration]]
+name = "$3"
+listen = "127.0.0.1:$2"
+token_url = "$HUB/oauth/token"
+upstream = "$HUB"
+client_id = "e2e-fleet-client"
+client_secret = { file = "$WORK/fleet_client_secret" }
+EOF
+}
+# start_member NAME INTEGRATION REDIS_URL: starts it and sets ${NAME}_ADMIN (its admin address).
+start_member() {
+  local name=$1 admin listen
+  admin=$(free_port)
+  listen=$(free_port)
+  fleet_config "$admin" "$listen" "$2" "$3" >"$WORK/$name.toml"
+  TOKENGATE_LOG=info "$TOKENGATE_BIN" --config "$WORK/$name.toml" 2>"$WORK/$name.log" &
+  PIDS+=("$!")
+  printf -v "${name}_ADMIN" '127.0.0.1:%s' "$admin"
+  if wait_until "$READY_WAIT" is_200 "http://127.0.0.1:$admin/readyz"; then
+    pass "fleet member $name ($2, Redis $3) ready"
+  else
+    fail "fleet member $name ($2, Redis $3) not ready within ${READY_WAIT}s"
+  fi
+}
+redis_ping() {
+  python3 -c '
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=1)
+s.sendall(b"PING\r\n")
+sys.exit(0 if s.recv(16).startswith(b"+PONG") else 1)
+' "$1"
+}
+
+FLEET=0
+FLEET_TARGETS=""
+printf 'e2e-fleet-secret-%s\n' "$RANDOM$RANDOM" >"$WORK/fleet_client_secret"
+fleet_config "$(free_port)" "$(free_port)" probe "redis://127.0.0.1:1" >"$WORK/fleet-probe.toml"
+"$TOKENGATE_BIN" check --config "$WORK/fleet-probe.toml" >"$WORK/fleet-probe.out" 2>&1 || true
+if grep -q 'unknown key .fleet.' "$WORK/fleet-probe.out"; then
+  say "SKIP: fleet mode: this tokengate predates it ($(head -n 1 "$WORK/fleet-probe.out"))"
+else
+  FLEET=1
+  bash "$REPO_ROOT/.ci/install-redis-server.sh" >"$WORK/redis-install.log" 2>&1 ||
+    die "cannot install redis-server: $(tail -n 3 "$WORK/redis-install.log")"
+  REDIS_PORT=$(free_port)
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no >"$WORK/redis.log" 2>&1 &
+  PIDS+=("$!")
+  wait_until "$READY_WAIT" redis_ping "$REDIS_PORT" || die "redis-server not answering PING within ${READY_WAIT}s"
+  pass "redis-server at 127.0.0.1:$REDIS_PORT"
+  # A first, then B once A holds the token: B must adopt it, not fetch.
+  start_member A fleet "redis://127.0.0.1:$REDIS_PORT"
+  start_member B fleet "redis://127.0.0.1:$REDIS_PORT"
+  start_member C fleet_down "redis://127.0.0.1:1"
+  FLEET_TARGETS=", \"$A_ADMIN\", \"$B_ADMIN\", \"$C_ADMIN\""
+fi
+
 # ---- Prometheus, by hand, on loopback ----
 PROM_PORT=$(free_port)
 PROM=http://127.0.0.1:$PROM_PORT
@@ -171,7 +250,7 @@ rule_files:
 scrape_configs:
   - job_name: tokengate
     static_configs:
-      - targets: ["127.0.0.1:$ADMIN_PORT"]
+      - targets: ["127.0.0.1:$ADMIN_PORT"$FLEET_TARGETS]
 EOF
 prometheus --config.file="$WORK/prometheus.yml" --storage.tsdb.path="$WORK/tsdb" \
   --web.listen-address="127.0.0.1:$PROM_PORT" >"$WORK/prometheus.log" 2>&1 &
@@ -225,13 +304,43 @@ else
   fail "tokengate_requests_total in Prometheus: $(query 'sum(tokengate_requests_total{job="tokengate"})' || true)"
 fi
 
+# ---- fleet mode as Prometheus sees it ----
+if [[ $FLEET == 1 ]]; then
+  # fleet_is WHAT QUERY VALUE: the query's first value becomes VALUE within QUERY_WAIT.
+  fleet_is() {
+    if wait_until "$QUERY_WAIT" query_is "$2" "$3"; then pass "fleet: $1"
+    else fail "fleet: $1: $2 = $(query "$2" || true), want $3"; fi
+  }
+  fleet_is "A and B are connected to Redis" "min(tokengate_fleet_redis_up{instance=~\"$A_ADMIN|$B_ADMIN\"})" 1
+  fleet_is "C's Redis is unreachable: redis_up 0" "tokengate_fleet_redis_up{instance=\"$C_ADMIN\"}" 0
+  fleet_is "one token request between A and B" 'sum(tokengate_token_refreshes_total{integration="fleet",result="success"})' 1
+  fleet_is "A and B hold a generation" 'min(tokengate_fleet_generation{integration="fleet"}) >= bool 1' 1
+  fleet_is "A and B hold the same generation" 'max(tokengate_fleet_generation{integration="fleet"}) - min(tokengate_fleet_generation{integration="fleet"})' 0
+  fleet_is "B adopted A's token" 'sum(tokengate_fleet_adoptions_total{integration="fleet"}) >= bool 1' 1
+  fleet_is "C fetched its token alone" 'sum(tokengate_fleet_local_fetches_total{integration="fleet_down"}) >= bool 1' 1
+  # Every known label combination, at 0 from the start, on a member with Redis and on one
+  # without: claims 4 triggers x 3 results, adoptions 2 vias, rejections 2 whys.
+  for m in A C; do
+    admin=${m}_ADMIN
+    for series in 'tokengate_fleet_claims_total:12' 'tokengate_fleet_adoptions_total:2' \
+        'tokengate_fleet_entries_rejected_total:2' 'tokengate_fleet_local_fetches_total:1' \
+        'tokengate_fleet_generation:1' 'tokengate_fleet_redis_up:1'; do
+      fleet_is "$m exports ${series##*:} series of ${series%%:*}" "count(${series%%:*}{instance=\"${!admin}\"})" "${series##*:}"
+    done
+  done
+fi
+
 # ---- every alert of the README, its threshold removed, returns data ----
+# Without fleet members (a binary from before fleet mode) the fleet metrics have no series.
+needs_fleet() { [[ $FLEET == 0 && $1 == *tokengate_fleet_* ]]; }
 ALERTS=()
 while IFS=$'\t' read -r name expr; do
   ALERTS+=("$name")
   signal=$(sed -E 's/[[:space:]]+(==|!=|>=|<=|>|<)[[:space:]]+[-+0-9.eE]+[[:space:]]*$//' <<<"$expr")
   if [[ $signal == "$expr" ]]; then
     fail "$name: expr does not end in a threshold comparison: $expr"
+  elif needs_fleet "$signal"; then
+    say "SKIP: $name: no fleet members to give $signal data"
   elif wait_until "$QUERY_WAIT" has_data "$signal"; then
     pass "$name: $signal = $(query "$signal")"
   else
@@ -251,7 +360,8 @@ done < <(awk '/^ *- alert: /{name=$3} /^ *expr: /{sub(/^ *expr: /, ""); print na
 DASHBOARD=$REPO_ROOT/deploy/kubernetes/base/grafana-dashboard.json
 if DASH_QUERIES=$(python3 "$HERE/lib/queries.py" --labelled "$DASHBOARD"); then
   while IFS=$'\t' read -r where q; do
-    if wait_until "$QUERY_WAIT" has_data "$q"; then pass "dashboard $where: $(query "$q")"
+    if needs_fleet "$q"; then say "SKIP: dashboard $where: no fleet members to give it data"
+    elif wait_until "$QUERY_WAIT" has_data "$q"; then pass "dashboard $where: $(query "$q")"
     else fail "dashboard $where: no data for $q"; fi
   done <<<"$DASH_QUERIES"
 else
@@ -275,8 +385,8 @@ else
   fail "rules not loaded or unhealthy: $(rules_ok 2>&1 || true)"
 fi
 
-# Half the calls were 5xx: that alert is pending (its `for` is longer than this run); the
-# others are quiet.
+# Half the calls were 5xx: that alert is pending (its `for` is longer than this run); so is
+# TokengateFleetRedisDown for member C; the others are quiet.
 alert_states() {
   curl -fsS --max-time 5 "$PROM/api/v1/alerts" |
     python3 -c 'import json, sys; print(" ".join(sorted("%s=%s" % (a["labels"]["alertname"], a["state"]) for a in json.load(sys.stdin)["data"]["alerts"])))'
@@ -287,11 +397,21 @@ if wait_until "$QUERY_WAIT" five_xx_active; then
 else
   fail "TokengateHigh5xxRate not active: $(alert_states || true)"
 fi
+WANT_STATES="TokengateHigh5xxRate=pending"
+if [[ $FLEET == 1 ]]; then
+  WANT_STATES="TokengateFleetRedisDown=pending $WANT_STATES"
+  redis_down_pending() { [[ $(alert_states) == *TokengateFleetRedisDown=pending* ]]; }
+  if wait_until "$QUERY_WAIT" redis_down_pending; then
+    pass "TokengateFleetRedisDown is pending for the member whose Redis is unreachable"
+  else
+    fail "TokengateFleetRedisDown not pending: $(alert_states || true)"
+  fi
+fi
 STATES=$(alert_states)
-if [[ $STATES == "TokengateHigh5xxRate=pending" ]]; then
-  pass "no other alert is active"
+if [[ $STATES == "$WANT_STATES" ]]; then
+  pass "no other alert is active ($STATES)"
 else
-  fail "active alerts: $STATES"
+  fail "active alerts: $STATES (want $WANT_STATES)"
 fi
 
 # ---- tokengate drains and exits 0 on SIGTERM ----
@@ -309,4 +429,7 @@ else
 fi
 if grep -qF -- "$(cat "$WORK/client_secret")" "$WORK/tokengate.log"; then
   fail "the client secret reached tokengate's log"
+fi
+if [[ $FLEET == 1 ]] && grep -qF -- "$(cat "$WORK/fleet_client_secret")" "$WORK"/[ABC].log; then
+  fail "the fleet's client secret reached a fleet member's log"
 fi
