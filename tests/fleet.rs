@@ -594,6 +594,8 @@ async fn processes_and_members_share_one_token_through_revocations_restarts_and_
             assert!(!log.contains(token.as_str()), "a token in the log");
         }
         assert!(!log.contains("test-secret"));
+        // Connected throughout (the listener's pings every 5 s are answered).
+        assert!(!log.contains("Redis unreachable"), "{log}");
         assert!(
             !log.contains(&redis.url()[8..]) || !log.contains("redis://"),
             "no Redis URL in the log"

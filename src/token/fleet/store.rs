@@ -195,7 +195,9 @@ impl RedisBackend {
                             }
                         }
                         _ = ping.tick() => {
-                            let pong: Result<Result<String, _>, _> =
+                            // A subscribed connection answers PING with a message, not
+                            // +PONG: any answer in time means alive.
+                            let pong: Result<Result<redis::Value, _>, _> =
                                 tokio::time::timeout(COMMAND_TIMEOUT, sink.ping()).await;
                             match pong {
                                 Ok(Ok(_)) => {}
