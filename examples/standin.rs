@@ -3,14 +3,16 @@
 //!
 //! ```text
 //! cargo run --release --example standin -- --port 0 --lifetime-secs 3600 [--tls-cert C --tls-key K]
-//!     [--revoke-every-secs N]
+//!     [--revoke-every-secs N] [--revoke-previous]
 //! ```
 //! Prints its base URL (`http://127.0.0.1:PORT` or `https://localhost:PORT`) as the first line
 //! on stdout, then serves until SIGTERM/SIGINT. With `--revoke-every-secs N`, every token
 //! issued so far is revoked (the soak's stand-in for a regenerated Client Secret Key) on
 //! average every N seconds, at every token age a server and an operator produce: at random
 //! moments, right after a forced refresh, right after a scheduled one, and in pairs 1 s, 3 s
-//! and 6 s apart; each time with a `standin: revoked every token` line on stderr.
+//! and 6 s apart; each time with a `standin: revoked every token` line on stderr. With
+//! `--revoke-previous`, each token issued revokes every earlier one, as Doorkeeper's
+//! `revoke_previous_client_credentials_token` does (what fleet mode is for).
 #![allow(clippy::print_stdout)] // the base URL on stdout is this program's interface
 
 use std::path::PathBuf;
@@ -44,6 +46,9 @@ struct Args {
     /// Revoke every token issued so far every this many seconds (0: never).
     #[arg(long, default_value_t = 0)]
     revoke_every_secs: u64,
+    /// Each token issued revokes every earlier one (one live token per client).
+    #[arg(long)]
+    revoke_previous: bool,
 }
 
 #[tokio::main]
@@ -70,6 +75,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
     )
     .await?;
+    hub.set_revoke_on_issue(args.revoke_previous);
     println!("{}", hub.base_url());
     if args.revoke_every_secs > 0 {
         // Ends with the runtime when main returns.
