@@ -805,3 +805,32 @@ async fn check_shows_the_fleet_and_check_fetch_reports_the_entry_never_the_token
     }
     tg.stop().await;
 }
+
+#[tokio::test]
+async fn a_redis_that_stops_answering_never_stops_the_calls() {
+    let redis = Redis::start().await;
+    let hub = support::hub().await;
+    let members = fleet_of(2, &fleet_toml(&hub, &redis, "")).await;
+    let client = support::client();
+    // SIGSTOP: connections stay open, nothing answers (a slow or hung Redis).
+    redis.pause(true);
+    for tg in &members {
+        support::wait_sample(tg, "tokengate_fleet_redis_up", &[], 0.0).await;
+    }
+    for tg in &members {
+        assert_eq!(
+            client.get(tg.url("/v2/a")).send().await.unwrap().status(),
+            200
+        );
+        assert_eq!(tg.readyz().await.0, 200);
+    }
+    // A 401 while Redis hangs: a local forced fetch (fetch_locally), the call replayed.
+    hub.revoke_all();
+    let res = client.get(members[0].url("/v2/b")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    redis.pause(false);
+    for tg in &members {
+        support::wait_sample(tg, "tokengate_fleet_redis_up", &[], 1.0).await;
+    }
+    stop_all(members).await;
+}

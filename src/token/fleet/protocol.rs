@@ -995,6 +995,37 @@ mod unavailable {
             "hold never fetches alone"
         );
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_that_lost_the_newest_entry_gets_the_held_token_back() {
+        let sim = Sim::new();
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let m = member(&sim, 0, Duration::from_secs(3));
+        // A failover kept generation 1; this member holds generation 3.
+        let old = m
+            .acquire(
+                Need::Startup,
+                None,
+                &|_| {},
+                endpoint(&fetches, Duration::ZERO),
+            )
+            .await;
+        assert!(
+            matches!(old, Outcome::Fetched { generation: 1, .. }),
+            "{old:?}"
+        );
+        let out = m
+            .acquire(
+                Need::Sync,
+                Some(held(3, LIFETIME / 2)),
+                &|_| {},
+                endpoint(&fetches, Duration::ZERO),
+            )
+            .await;
+        assert!(matches!(out, Outcome::Unchanged { .. }), "{out:?}");
+        assert_eq!(sim.generation(), 3, "written back over the older entry");
+        assert_eq!(fetches.load(Ordering::SeqCst), 1, "no fetch to converge");
+    }
 }
 
 #[cfg(test)]
