@@ -1285,3 +1285,108 @@ fn a_secret_file_that_is_not_a_secret_is_refused_without_reading_it_all() {
     );
     assert!(message.contains("larger than 64 KiB"), "{message}");
 }
+
+// --- fleet mode ----------------------------------------------------------------------------
+
+#[test]
+fn fleet_keys_take_their_defaults_and_each_integration_joins_unless_it_opts_out() {
+    let text = format!(
+        "[fleet]\nredis_url = \"redis://:pw@10.0.0.5:6379/2\"\n{}{}",
+        oms(&[]),
+        oms(&[
+            ("name", "\"wms\""),
+            ("listen", "\"127.0.0.1:8082\""),
+            ("fleet", "false")
+        ])
+    );
+    let config = load(&text);
+    let fleet = config.fleet.as_ref().unwrap();
+    assert_eq!(fleet.key_prefix, "tokengate");
+    assert_eq!(fleet.ca_file, None);
+    let member = config.integrations[0].token.fleet.as_ref().unwrap();
+    assert_eq!(member.wait_for_peer, Duration::from_secs(3));
+    assert_eq!(member.on_unavailable, OnUnavailable::FetchLocally);
+    assert_eq!(member.id.len(), 16, "a hash: {}", member.id);
+    assert_eq!(
+        config.integrations[1].token.fleet, None,
+        "fleet = false opts out"
+    );
+    // The default id follows what makes the token, never the secret.
+    let rotated = load(&text.replace("literal-secret-1", "rotated"));
+    assert_eq!(
+        rotated.integrations[0].token.fleet.as_ref().unwrap().id,
+        member.id
+    );
+    let other_app = load(&text.replace("\"id-1\"", "\"id-2\""));
+    assert_ne!(
+        other_app.integrations[0].token.fleet.as_ref().unwrap().id,
+        member.id
+    );
+    // The URL's password stays out of Debug output.
+    assert!(!format!("{config:?}").contains(":pw@"));
+}
+
+#[test]
+fn fleet_errors_name_the_key_and_the_fix() {
+    let with = |fleet: &str, changes: &[(&str, &str)]| format!("{fleet}\n{}", oms(changes));
+    let cases: &[(String, &[&str])] = &[
+        (
+            with("[fleet]\nwait_for_peer = \"1s\"", &[]),
+            &["fleet.redis_url", "is missing"],
+        ),
+        (
+            with("[fleet]\nredis_url = \"http://redis:6379\"", &[]),
+            &["fleet.redis_url", "redis://host:port or rediss://"],
+        ),
+        (
+            with(
+                "[fleet]\nredis_url = \"redis://:secret-pw@redis:6379/x\"",
+                &[],
+            ),
+            &[
+                "fleet.redis_url",
+                "database after the host must be a number",
+            ],
+        ),
+        (
+            with(
+                "[fleet]\nredis_url = \"redis://redis:6379\"\nca_file = \"ca.pem\"",
+                &[],
+            ),
+            &["fleet.ca_file", "rediss://"],
+        ),
+        (
+            with(
+                "[fleet]\nredis_url = \"redis://redis:6379\"\non_unavailable = \"wait\"",
+                &[],
+            ),
+            &["fleet.on_unavailable", "\"fetch_locally\" or \"hold\""],
+        ),
+        (
+            with(
+                "[fleet]\nredis_url = \"redis://redis:6379\"\nkey_prefix = \"a b\"",
+                &[],
+            ),
+            &["fleet.key_prefix"],
+        ),
+        (
+            with("", &[("fleet", "true")]),
+            &["integration[0].fleet", "no [fleet] table"],
+        ),
+        (
+            with("", &[("fleet_id", "\"x\"")]),
+            &["integration[0].fleet_id", "no [fleet] table"],
+        ),
+        (
+            with(
+                "[fleet]\nredis_url = \"redis://redis:6379\"",
+                &[("fleet_id", "\"has space\"")],
+            ),
+            &["integration[0].fleet_id", "letters, digits"],
+        ),
+    ];
+    for (text, parts) in cases {
+        let message = expect_error(text, parts);
+        assert!(!message.contains("secret-pw"), "{message}");
+    }
+}

@@ -8,6 +8,8 @@
 pub mod client;
 pub mod fleet;
 pub mod refresher;
+pub mod schedule;
+mod thrash;
 
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};

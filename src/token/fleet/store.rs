@@ -219,7 +219,7 @@ impl RedisBackend {
                 up.send_replace(false);
                 failures += 1;
                 let delay =
-                    super::super::refresher::backoff(failures, fastrand::f64()).min(MAX_BACKOFF);
+                    super::super::schedule::backoff(failures, fastrand::f64()).min(MAX_BACKOFF);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.wait() => return,

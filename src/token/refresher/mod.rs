@@ -23,106 +23,24 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, error, info, warn};
 
 use super::client::{FetchError, Issued, TokenClient};
-use super::fleet::protocol::{self, Held, Member, Need, Outcome, Via};
+use super::fleet::protocol::{Outcome, Via};
 use super::fleet::Hub;
-use super::{FleetStatus, ForceOutcome, ForceRequest, Token, TokenHandle};
+use crate::token::schedule::{
+    backoff, forced_fetch_at, refresh_delay, FORCE_INTERVAL, MAX_BACKOFF, MIN_INTERVAL,
+};
+use crate::token::thrash::{thrash_message, Thrash, ThrashSignal};
+use fleet::{changed, Fleet};
+
+mod fleet;
+use super::{ForceOutcome, ForceRequest, Token, TokenHandle};
 use crate::config::{SecretSource, TokenSettings};
 use crate::shutdown::Shutdown;
-use crate::telemetry::{FleetMetrics, IntegrationMetrics, Metrics, Trigger};
-
-/// Scheduled refreshes (and retries) are never closer together than this.
-pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
-/// Cap of the exponential backoff.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
-/// At most one forced (401-triggered) refresh per this interval, fixed: a revoked key would
-/// otherwise turn every request into a token request, and nothing lengthens it, because a
-/// longer floor only makes revoked calls wait or fail.
-pub const FORCE_INTERVAL: Duration = Duration::from_secs(5);
-/// The thrash error is logged at most this often.
-const THRASH_LOG_INTERVAL: Duration = Duration::from_secs(60);
-/// Tokens revoked early within one log interval that make it thrash rather than bad luck.
-const THRASH_THRESHOLD: u32 = 3;
-
-/// What the thrash error and the `/status` warning say.
-fn thrash_message(count: u32) -> String {
-    format!(
-        "tokens keep being revoked soon after they are issued ({count} within a minute): most likely several tokengate replicas or other systems share this Delivery Hub app and the server revokes the previous token on each new issue. Give them one token through fleet mode ([fleet] with a shared Redis), or give each replica its own app. Calls are still replayed, but each revocation makes some wait for a new token"
-    )
-}
-
-/// Counts early revocations (tokens refused while younger than half their lifetime), one per
-/// refused token however many requests carried it, so that a ping-pong between two holders
-/// of one app is named once a minute, not once per request.
-struct Thrash {
-    window_start: Instant,
-    count: u32,
-    last_log: Option<Instant>,
-    last_early: Option<Instant>,
-    /// The generation last counted: concurrent 401s for one token are one revocation.
-    last_generation: u64,
-}
-
-/// What one early revocation means for the operator.
-#[derive(Debug, PartialEq, Eq)]
-enum ThrashSignal {
-    /// Not (yet) a pattern.
-    Quiet,
-    /// Thrash, `count` early revocations in the current window; `log` when the error line is
-    /// due (at most once per [`THRASH_LOG_INTERVAL`]).
-    Thrashing { count: u32, log: bool },
-}
-
-impl Thrash {
-    fn new(now: Instant) -> Thrash {
-        Thrash {
-            window_start: now,
-            count: 0,
-            last_log: None,
-            last_early: None,
-            last_generation: 0,
-        }
-    }
-
-    /// Records that the token of `generation` was revoked early.
-    fn note(&mut self, generation: u64, now: Instant) -> ThrashSignal {
-        if generation <= self.last_generation {
-            return ThrashSignal::Quiet;
-        }
-        self.last_generation = generation;
-        self.last_early = Some(now);
-        if now.duration_since(self.window_start) > THRASH_LOG_INTERVAL {
-            self.window_start = now;
-            self.count = 0;
-        }
-        self.count += 1;
-        if self.count < THRASH_THRESHOLD {
-            return ThrashSignal::Quiet;
-        }
-        let log = self
-            .last_log
-            .is_none_or(|t| now.duration_since(t) >= THRASH_LOG_INTERVAL);
-        if log {
-            self.last_log = Some(now);
-        }
-        ThrashSignal::Thrashing {
-            count: self.count,
-            log,
-        }
-    }
-
-    /// Whether no token was revoked early for a whole log interval: the warning can go.
-    fn calm(&self, now: Instant) -> bool {
-        self.last_early
-            .is_none_or(|t| now.duration_since(t) > THRASH_LOG_INTERVAL)
-    }
-}
+use crate::telemetry::{IntegrationMetrics, Metrics, Trigger};
 
 /// How often `{ file = ... }` credentials are re-read. Polling the content (not inotify)
 /// follows Kubernetes' atomic symlink swap of a mounted Secret without special cases, costs a
@@ -158,32 +76,6 @@ fn reread_file_secrets(settings: &TokenSettings) -> Option<(TokenSettings, Vec<&
 fn watches_files(s: &TokenSettings) -> bool {
     matches!(s.client_id.source, SecretSource::File(_))
         || matches!(s.client_secret.source, SecretSource::File(_))
-}
-
-/// When to refresh a token of `lifetime`: at `refresh_at` of it, moved by `jitter` ∈ [-1, 1]
-/// times 5 % of the lifetime so that many sidecars started together spread out.
-pub fn refresh_delay(lifetime: Duration, refresh_at: f64, jitter: f64) -> Duration {
-    let fraction = (refresh_at + 0.05 * jitter.clamp(-1.0, 1.0)).clamp(0.01, 0.99);
-    lifetime.mul_f64(fraction).max(MIN_INTERVAL)
-}
-
-/// Full-jitter exponential backoff after `failures` consecutive failures (≥ 1), given a
-/// uniform `sample` ∈ [0, 1).
-pub fn backoff(failures: u32, sample: f64) -> Duration {
-    let exp = failures.saturating_sub(1).min(6);
-    let cap = Duration::from_secs(1u64 << exp).min(MAX_BACKOFF);
-    cap.mul_f64(sample.clamp(0.0, 1.0)).max(MIN_INTERVAL)
-}
-
-/// When the forced fetch owed for a refused token may start: not before the floor after the
-/// last one, and not before a retry that backoff has put off (`retry_at`, while fetches fail).
-pub fn forced_fetch_at(
-    now: Instant,
-    last_forced: Option<Instant>,
-    retry_at: Option<Instant>,
-) -> Instant {
-    let floor = last_forced.map_or(now, |t| t + FORCE_INTERVAL);
-    floor.max(retry_at.unwrap_or(now)).max(now)
 }
 
 /// What one attempt ended with: a plain fetch, or a round of the fleet protocol.
@@ -253,22 +145,6 @@ enum Event {
     FleetAnnounced,
     /// The fleet's store became reachable (`true`) or unreachable.
     FleetUp(bool),
-}
-
-/// This integration's part in the fleet, while it is a member.
-struct Fleet {
-    member: Arc<Member>,
-    metrics: Arc<FleetMetrics>,
-    announced: watch::Receiver<u64>,
-    up: watch::Receiver<bool>,
-    /// The highest announced generation an adoption was attempted for: an announcement whose
-    /// entry does not open is not chased again and again.
-    synced_to: u64,
-    /// Re-read once idle: the store came back while an attempt was in flight.
-    resync: bool,
-    rejected_logged: Arc<AtomicBool>,
-    /// The entry last counted as rejected (generation + 1).
-    last_rejected: Arc<AtomicU64>,
 }
 
 /// The refresher's state and one handler per [`Event`].
@@ -443,86 +319,6 @@ impl Driver {
         }
     }
 
-    /// Becomes a fleet member, leaves, or renews the member (a new secret seals differently)
-    /// as the settings say.
-    fn join_fleet(&mut self) {
-        let (Some(context), Some(settings)) = (&self.context, &self.settings.fleet) else {
-            if self.settings.fleet.is_some() {
-                warn!(integration = %self.name, "fleet is set for this integration but [fleet] was not configured when tokengate started; joining the fleet needs a restart");
-            }
-            self.fleet = None;
-            self.handle.lock_status().fleet = None;
-            return;
-        };
-        let member = Arc::new(context.hub.member(&self.settings, settings));
-        let up = context.hub.up();
-        let redis_up = *up.borrow();
-        let mut announced = member.notified.clone();
-        announced.mark_unchanged();
-        let metrics = context.metrics.fleet(&self.name);
-        let (synced_to, rejected_logged) = match self.fleet.take() {
-            Some(old) if old.member.id == member.id => (old.synced_to, old.rejected_logged),
-            _ => (0, Arc::new(AtomicBool::new(false))),
-        };
-        {
-            let mut status = self.handle.lock_status();
-            let previous = status.fleet.take().filter(|f| f.id == member.id);
-            status.fleet = Some(FleetStatus {
-                id: member.id.clone(),
-                redis_up,
-                ..previous.unwrap_or_default()
-            });
-        }
-        self.fleet = Some(Fleet {
-            member,
-            metrics,
-            announced,
-            up,
-            synced_to,
-            resync: false,
-            rejected_logged,
-            last_rejected: Arc::new(AtomicU64::new(0)),
-        });
-    }
-
-    /// Adopts a peer's newer token when one was announced and nothing is in flight.
-    fn maybe_sync(&mut self) {
-        if self.in_flight.is_some() {
-            return;
-        }
-        let held = self.handle.held().map_or(0, |t| t.generation);
-        let Some(fleet) = &mut self.fleet else {
-            return;
-        };
-        let announced = *fleet.announced.borrow_and_update();
-        let via = if announced > held && announced > fleet.synced_to {
-            fleet.synced_to = announced;
-            Via::Notification
-        } else if fleet.resync {
-            Via::Read
-        } else {
-            return;
-        };
-        fleet.resync = false;
-        self.syncing = Some(via);
-        self.start_fetch(self.next_trigger);
-    }
-
-    fn on_fleet_up(&mut self, up: bool) {
-        let Some(fleet) = &mut self.fleet else {
-            return;
-        };
-        if let Some(status) = self.handle.lock_status().fleet.as_mut() {
-            status.redis_up = up;
-        }
-        if up {
-            // Notifications sent while the connection was down are lost: look, and give a
-            // store that came back empty the token held.
-            fleet.resync = true;
-            self.maybe_sync();
-        }
-    }
-
     fn start_fetch(&mut self, trigger: Trigger) {
         let Some(client) = self.client.clone() else {
             // No client (a bad ca_file): rebuilding it is the retry.
@@ -550,51 +346,13 @@ impl Driver {
                 (issued, lifetime)
             })
         };
-        let Some(fleet) = &self.fleet else {
-            let attempt = async move { Attempted::Plain(fetch().await.map(|(issued, _)| issued)) };
-            self.in_flight = Some((Box::pin(attempt), trigger));
-            return;
-        };
-        let now = Instant::now();
-        let held = self.handle.held().filter(|t| t.is_valid_at(now));
-        let need = match trigger {
-            _ if syncing => Need::Sync,
-            Trigger::Unauthorized => Need::Refused(
-                self.refused
-                    .unwrap_or_else(|| held.as_ref().map_or(0, |t| t.generation)),
-            ),
-            Trigger::Startup if held.is_none() => Need::Startup,
-            Trigger::Startup | Trigger::Scheduled => Need::Scheduled,
-            Trigger::CredentialsChanged => Need::Credentials,
-        };
-        let held = held.map(|t| Held {
-            generation: t.generation,
-            lifetime: t.lifetime,
-            remaining: t.expires_at.saturating_duration_since(now),
-            token: Arc::from(t.access_token()),
-        });
-        let member = fleet.member.clone();
-        let fleet_metrics = fleet.metrics.clone();
-        let rejected_logged = fleet.rejected_logged.clone();
-        let last_rejected = fleet.last_rejected.clone();
-        let name = self.name.clone();
-        let report = move |event: protocol::Event| match event {
-            protocol::Event::Claim(result) => fleet_metrics.claim(trigger, result as usize),
-            protocol::Event::Rejected(why, generation) => {
-                // Generation + 1, so that a junk entry (generation 0) counts too.
-                if last_rejected.swap(generation + 1, Ordering::Relaxed) == generation + 1 {
-                    return;
-                }
-                fleet_metrics.rejected(why);
-                if !rejected_logged.swap(true, Ordering::Relaxed) {
-                    warn!(integration = %name, why, "the fleet entry in Redis does not open (sealed under another client secret, forged, or not written by tokengate); it is ignored and never used (logged once)");
-                }
+        let attempt = match self.fleet_attempt(trigger, syncing, fetch.clone()) {
+            Some(attempt) => attempt,
+            None => {
+                Box::pin(async move { Attempted::Plain(fetch().await.map(|(issued, _)| issued)) })
             }
-            protocol::Event::BackendDown(_) | protocol::Event::BackendUp => {}
         };
-        let attempt =
-            async move { Attempted::Fleet(member.acquire(need, held, &report, fetch).await) };
-        self.in_flight = Some((Box::pin(attempt), trigger));
+        self.in_flight = Some((attempt, trigger));
     }
 
     /// Updates the status after an attempt that did not run, and answers the waiters that
@@ -946,36 +704,6 @@ impl Driver {
         );
     }
 
-    /// Takes a peer's token; `false` when it cannot be a header (never installed).
-    fn adopt(
-        &self,
-        token: &str,
-        generation: u64,
-        lifetime: Duration,
-        remaining: Duration,
-        by: String,
-        via: Via,
-    ) -> bool {
-        let Some(token) = Token::adopted(token, generation, lifetime, remaining) else {
-            warn!(integration = %self.name, "the fleet's token cannot be an HTTP header value; ignoring it");
-            return false;
-        };
-        let expires_wall = token.expires_at_wall;
-        if let Some(fleet) = &self.fleet {
-            fleet.metrics.adopted(via as usize);
-        }
-        info!(
-            integration = %self.name,
-            generation,
-            fetched_by = %by,
-            via = match via { Via::Notification => "notification", Via::Read => "read" },
-            expires_at = %humantime::format_rfc3339_seconds(expires_wall),
-            "token adopted from the fleet"
-        );
-        self.install(token, Some(by));
-        true
-    }
-
     fn fail(&self, e: &FetchError, trigger: Trigger, retry_in: Duration) {
         let name = &self.name;
         self.metrics.refresh(trigger, false);
@@ -1029,94 +757,9 @@ fn outcome(handle: &TokenHandle, generation: u64) -> ForceOutcome {
     }
 }
 
-/// Resolves when the watched value changes; never when there is nothing to watch or its
-/// sender is gone.
-async fn changed<T: Clone>(rx: Option<&mut watch::Receiver<T>>) -> Option<T> {
-    match rx {
-        Some(rx) => match rx.changed().await {
-            Ok(()) => Some(rx.borrow_and_update().clone()),
-            Err(_) => std::future::pending().await,
-        },
-        None => std::future::pending().await,
-    }
-}
-
 async fn poll_fetch(in_flight: &mut Option<(Fetch, Trigger)>) -> Attempted {
     match in_flight {
         Some((fetch, _)) => fetch.await,
         None => std::future::pending().await,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn refresh_happens_at_the_fraction_within_jitter() {
-        let hour = Duration::from_secs(3600);
-        assert_eq!(refresh_delay(hour, 0.8, 0.0), Duration::from_secs(2880));
-        assert_eq!(refresh_delay(hour, 0.8, 1.0), Duration::from_secs(3060));
-        assert_eq!(refresh_delay(hour, 0.8, -1.0), Duration::from_secs(2700));
-        // Never closer than 1 s, even for absurdly short tokens.
-        assert_eq!(
-            refresh_delay(Duration::from_millis(500), 0.8, 0.0),
-            MIN_INTERVAL
-        );
-    }
-
-    #[test]
-    fn thrash_is_named_after_three_early_revocations_and_logged_once_a_minute() {
-        let start = Instant::now();
-        let at = |s: u64| start + Duration::from_secs(s);
-        let mut t = Thrash::new(start);
-        assert_eq!(t.note(1, start), ThrashSignal::Quiet);
-        // Many requests refused with one token are one revocation.
-        for _ in 0..10 {
-            assert_eq!(t.note(1, start), ThrashSignal::Quiet);
-        }
-        assert_eq!(t.note(2, at(1)), ThrashSignal::Quiet);
-        let thrashing = |count, log| ThrashSignal::Thrashing { count, log };
-        assert_eq!(t.note(3, at(2)), thrashing(3, true));
-        assert_eq!(
-            t.note(4, at(3)),
-            thrashing(4, false),
-            "logged once a minute"
-        );
-        assert_eq!(t.note(5, at(30)), thrashing(5, false));
-        assert!(!t.calm(at(31)));
-        // A new window: three more within it are named again.
-        assert_eq!(t.note(6, at(63)), ThrashSignal::Quiet);
-        assert_eq!(t.note(7, at(64)), ThrashSignal::Quiet);
-        assert_eq!(t.note(8, at(65)), thrashing(3, true));
-        assert!(t.calm(at(126)));
-    }
-
-    #[test]
-    fn the_forced_fetch_floor_is_fixed_at_5_s() {
-        let now = Instant::now();
-        let s = Duration::from_secs;
-        // None before, or the last long ago: at once.
-        assert_eq!(forced_fetch_at(now, None, None), now);
-        assert_eq!(forced_fetch_at(now + s(60), Some(now), None), now + s(60));
-        // Within the floor: when it ends, however many forced fetches came before.
-        assert_eq!(forced_fetch_at(now + s(1), Some(now), None), now + s(5));
-        assert_eq!(forced_fetch_at(now + s(5), Some(now), None), now + s(5));
-        // A backoff that puts the retry later wins over the floor.
-        assert_eq!(
-            forced_fetch_at(now + s(1), Some(now), Some(now + s(9))),
-            now + s(9)
-        );
-        assert_eq!(forced_fetch_at(now, None, Some(now - s(1))), now);
-    }
-
-    #[test]
-    fn backoff_doubles_to_a_minute_with_full_jitter() {
-        assert_eq!(backoff(1, 0.99), MIN_INTERVAL);
-        assert_eq!(backoff(3, 0.5), Duration::from_secs(2));
-        assert_eq!(backoff(4, 1.0), Duration::from_secs(8));
-        assert_eq!(backoff(7, 1.0), MAX_BACKOFF);
-        assert_eq!(backoff(100, 1.0), MAX_BACKOFF);
-        assert_eq!(backoff(100, 0.0), MIN_INTERVAL);
     }
 }
