@@ -13,6 +13,15 @@ use support::redis::Redis;
 use support::{eventually, Tg};
 use tokio::time::Instant;
 
+/// One integration on `hub` in a fleet on `url` (Redis, maybe with credentials), holding
+/// (`on_unavailable = "hold"`) so that a Redis problem shows in `/readyz`.
+fn holding_toml(hub: &tokengate::standin::Hub, url: &str) -> String {
+    format!(
+        "{}\n[fleet]\nredis_url = \"{url}\"\non_unavailable = \"hold\"\n",
+        support::toml_for(hub, "")
+    )
+}
+
 fn fleet_toml(hub: &tokengate::standin::Hub, redis: &Redis, extra: &str) -> String {
     format!(
         "{}\n[fleet]\nredis_url = \"{}\"\nwait_for_peer = \"2s\"\n{extra}",
@@ -368,10 +377,7 @@ async fn a_wrong_redis_password_is_named() {
         .unwrap();
     let hub = support::hub().await;
     let url = redis.url().replace("redis://", "redis://:wrong@");
-    let toml = format!(
-        "{}\n[fleet]\nredis_url = \"{url}\"\non_unavailable = \"hold\"\n",
-        support::toml_for(&hub, "")
-    );
+    let toml = holding_toml(&hub, &url);
     let tg = support::start_toml(&toml).await;
     let body = eventually("the readiness reason", Duration::from_secs(10), || async {
         let body = tg.readyz().await.1.to_string();
@@ -630,10 +636,7 @@ async fn the_readme_acl_user_is_enough_and_a_user_without_it_is_named() {
     let url = redis
         .url()
         .replace("redis://", "redis://tokengate:pw-for-fleet@");
-    let toml = format!(
-        "{}\n[fleet]\nredis_url = \"{url}\"\non_unavailable = \"hold\"\n",
-        support::toml_for(&hub, "")
-    );
+    let toml = holding_toml(&hub, &url);
     let members = fleet_of(2, &toml).await;
     assert_eq!(
         hub.token_request_count(),
@@ -663,10 +666,7 @@ async fn the_readme_acl_user_is_enough_and_a_user_without_it_is_named() {
         .await
         .unwrap();
     let url = redis.url().replace("redis://", "redis://other:pw@");
-    let toml = format!(
-        "{}\n[fleet]\nredis_url = \"{url}\"\non_unavailable = \"hold\"\n",
-        support::toml_for(&hub, "")
-    );
+    let toml = holding_toml(&hub, &url);
     let tg = support::start_toml(&toml).await;
     let body = eventually("the readiness reason", Duration::from_secs(10), || async {
         let body = tg.readyz().await.1.to_string();

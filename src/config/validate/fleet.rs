@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::{own, Loader, Scope};
+use super::{own, Field, Loader, Scope};
 use crate::config::raw::RawFleet;
 use crate::config::{
     ConfigError, Fleet, FleetSettings, OnUnavailable, TokenSettings, DEFAULT_KEY_PREFIX,
@@ -14,6 +14,29 @@ use crate::config::{
 };
 
 impl Loader<'_> {
+    /// A name that goes into Redis keys: 1 to 64 letters, digits or one of `extra`.
+    fn short_name(
+        &self,
+        field: &Field<'_, String>,
+        extra: &[u8],
+        allowed: &str,
+    ) -> Result<String, ConfigError> {
+        let ok = !field.value.is_empty()
+            && field.value.len() <= 64
+            && field
+                .value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || extra.contains(&b));
+        if !ok {
+            return Err(self.error(
+                Some(&field.span),
+                &field.key,
+                format!("must be 1 to 64 letters, digits, {allowed}"),
+            ));
+        }
+        Ok(field.value.clone())
+    }
+
     /// `[fleet]`: the shared Redis, and the per-member defaults (`id` left empty) that
     /// [`Loader::membership`] completes for each integration.
     pub(super) fn fleet(
@@ -76,22 +99,11 @@ impl Loader<'_> {
         };
         let key_prefix = match own(key("key_prefix"), &table.key_prefix) {
             None => DEFAULT_KEY_PREFIX.to_owned(),
-            Some(field) => {
-                let ok = !field.value.is_empty()
-                    && field.value.len() <= 64
-                    && field
-                        .value
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"_-:.".contains(&b));
-                if !ok {
-                    return Err(self.error(
-                        Some(&field.span),
-                        &field.key,
-                        "must be 1 to 64 letters, digits, `_`, `-`, `:` or `.`; e.g. key_prefix = \"tokengate\"",
-                    ));
-                }
-                field.value.clone()
-            }
+            Some(field) => self.short_name(
+                &field,
+                b"_-:.",
+                "`_`, `-`, `:` or `.`; e.g. key_prefix = \"tokengate\"",
+            )?,
         };
         let wait_for_peer = self.duration(
             own(key("wait_for_peer"), &table.wait_for_peer),
@@ -153,22 +165,11 @@ impl Loader<'_> {
             return Ok(None);
         }
         let id = match id_field {
-            Some(field) => {
-                let ok = !field.value.is_empty()
-                    && field.value.len() <= 64
-                    && field
-                        .value
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
-                if !ok {
-                    return Err(self.error(
-                        Some(&field.span),
-                        &field.key,
-                        "must be 1 to 64 letters, digits, `_`, `-` or `.`; e.g. fleet_id = \"bringg-oms-prod\"",
-                    ));
-                }
-                field.value.clone()
-            }
+            Some(field) => self.short_name(
+                &field,
+                b"_-.",
+                "`_`, `-` or `.`; e.g. fleet_id = \"bringg-oms-prod\"",
+            )?,
             None => default_fleet_id(token),
         };
         Ok(Some(FleetSettings {
