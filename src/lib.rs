@@ -313,6 +313,13 @@ impl Running {
         self.serving(name).map(|i| i.addr)
     }
 
+    /// The token the named integration holds, valid or not (its generation, lifetime and
+    /// expiry; `Debug` and `Display` never show the token itself): for the fleet benchmark
+    /// and tests that follow a fleet converging.
+    pub fn held_token(&self, name: &str) -> Option<Arc<token::Token>> {
+        self.serving(name).and_then(|i| i.gate.token.held())
+    }
+
     fn serving(&self, name: &str) -> Option<&Serving> {
         self.integrations.iter().find(|i| &*i.gate.name == name)
     }

@@ -6,9 +6,9 @@
 //! background task that decides when to call it.
 
 pub mod client;
-pub mod fleet;
-pub mod refresher;
-pub mod schedule;
+pub(crate) mod fleet;
+pub(crate) mod refresher;
+pub(crate) mod schedule;
 mod thrash;
 
 use std::fmt;

@@ -74,10 +74,6 @@ impl Hub {
         }))
     }
 
-    pub fn backend(&self) -> &Arc<RedisBackend> {
-        &self.backend
-    }
-
     /// Whether the notification connection is up (`tokengate_fleet_redis_up`).
     pub fn up(&self) -> watch::Receiver<bool> {
         self.up.subscribe()
