@@ -41,7 +41,7 @@
 //! the integration's pooled upstream client, its body streaming through. A 401 asks the
 //! refresher for one forced refresh and replays the request once if its body was kept.
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod config;
 pub mod demo;
 pub mod error;
