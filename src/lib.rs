@@ -93,7 +93,10 @@ pub enum StartError {
     #[error("{0} integration listeners for {1} integrations")]
     ListenerCount(usize, usize),
     #[error("integration {name}: {source}")]
-    Tls { name: String, source: tls::TlsError },
+    Route {
+        name: String,
+        source: proxy::RouteError,
+    },
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("{0}")]
@@ -231,7 +234,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
     };
     for (integration, listener) in config.integrations.iter().zip(listeners.integrations) {
         let name: Arc<str> = Arc::from(integration.name.as_str());
-        let route = Route::new(integration.proxy.clone()).map_err(|source| StartError::Tls {
+        let route = Route::new(integration.proxy.clone()).map_err(|source| StartError::Route {
             name: integration.name.clone(),
             source,
         })?;

@@ -20,8 +20,20 @@ pub enum TlsError {
         path: String,
         source: std::io::Error,
     },
-    #[error("ca_file {path} holds no usable PEM certificate: {reason}")]
+    /// A `CERTIFICATE` block whose PEM framing or base64 is broken.
+    #[error("ca_file {path} has a PEM block that does not decode: {reason}")]
     Pem { path: String, reason: String },
+    /// A block that decodes, but whose contents are not an X.509 certificate webpki can use
+    /// as a root (a truncated paste, a CSR or key labelled CERTIFICATE).
+    #[error("ca_file {path}: certificate {index} (counting from 1) is not a usable X.509 certificate: {reason}")]
+    NotACertificate {
+        path: String,
+        index: usize,
+        reason: String,
+    },
+    /// The file holds only other PEM blocks (a private key) or no PEM at all.
+    #[error("ca_file {path} holds no certificate: there is no -----BEGIN CERTIFICATE----- block")]
+    NoCertificate { path: String },
     #[error("cannot build the TLS configuration: {0}")]
     Build(#[from] rustls::Error),
 }
@@ -45,17 +57,15 @@ fn roots(ca_file: Option<&Path>) -> Result<RootCertStore, TlsError> {
                 path: shown.clone(),
                 reason: e.to_string(),
             })?;
-            roots.add(cert).map_err(|e| TlsError::Pem {
+            added += 1;
+            roots.add(cert).map_err(|e| TlsError::NotACertificate {
                 path: shown.clone(),
+                index: added,
                 reason: e.to_string(),
             })?;
-            added += 1;
         }
         if added == 0 {
-            return Err(TlsError::Pem {
-                path: shown,
-                reason: "no CERTIFICATE block found".into(),
-            });
+            return Err(TlsError::NoCertificate { path: shown });
         }
     }
     Ok(roots)
@@ -69,4 +79,36 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, Tls
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots(ca_file)?)
         .with_no_client_auth())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(pem: &str) -> TlsError {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, pem).expect("write");
+        client_config(Some(&path)).expect_err("a bad ca_file")
+    }
+
+    #[test]
+    fn each_bad_ca_file_says_what_is_wrong_with_it() {
+        let err = load("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n");
+        assert!(matches!(err, TlsError::NoCertificate { .. }), "{err:?}");
+        assert!(err
+            .to_string()
+            .contains("no -----BEGIN CERTIFICATE----- block"));
+
+        let err = load("-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n");
+        assert!(matches!(err, TlsError::Pem { .. }), "{err:?}");
+
+        // Valid base64, but not DER: a paste of the wrong thing.
+        let err = load("-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n");
+        assert!(
+            matches!(err, TlsError::NotACertificate { index: 1, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("certificate 1"), "{err}");
+    }
 }

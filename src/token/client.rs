@@ -138,6 +138,19 @@ impl FetchError {
     }
 }
 
+/// Why a token client cannot be built; the refresher retries on its backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// reqwest refused the egress proxy URL; config validation accepted it, so this is a URL
+    /// that `url` parses and reqwest does not. Named without its credentials.
+    #[error("the egress proxy {proxy} cannot be used for the token endpoint: {reason}")]
+    Proxy { proxy: String, reason: String },
+    #[error("cannot set up the HTTP client for the token endpoint: {0}")]
+    Build(String),
+}
+
 /// A reqwest client for one integration's token endpoint.
 #[derive(Clone, Debug)]
 pub struct TokenClient {
@@ -145,12 +158,8 @@ pub struct TokenClient {
 }
 
 impl TokenClient {
-    pub fn new(settings: &TokenSettings) -> Result<TokenClient, TlsError> {
+    pub fn new(settings: &TokenSettings) -> Result<TokenClient, ClientError> {
         let tls = tls::client_config(settings.ca_file.as_deref())?;
-        let setup = |e: reqwest::Error| TlsError::Pem {
-            path: "token client".into(),
-            reason: e.to_string(),
-        };
         let builder = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .user_agent(USER_AGENT)
@@ -164,7 +173,11 @@ impl TokenClient {
             Egress::Proxy { url, auth, .. } => {
                 // An https token_url through an http proxy: reqwest tunnels with CONNECT and
                 // sends the credentials on CONNECT only, TLS running inside the tunnel.
-                let mut proxy = reqwest::Proxy::all(url.as_str()).map_err(setup)?;
+                let mut proxy =
+                    reqwest::Proxy::all(url.as_str()).map_err(|e| ClientError::Proxy {
+                        proxy: proxy_name(url),
+                        reason: crate::error::chain(&e),
+                    })?;
                 if let Some(auth) = auth {
                     let (user, password) = auth
                         .value
@@ -176,7 +189,9 @@ impl TokenClient {
                 builder.proxy(proxy)
             }
         };
-        let http = builder.build().map_err(setup)?;
+        let http = builder
+            .build()
+            .map_err(|e| ClientError::Build(crate::error::chain(&e)))?;
         Ok(TokenClient { http })
     }
 
