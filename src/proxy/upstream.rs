@@ -21,7 +21,7 @@ use crate::config::ProxySettings;
 use crate::error::{
     chain, find_in_chain, find_tls_error, ErrorCode, ProxyError, UpstreamErrorKind,
 };
-use crate::tls::{self, TlsError};
+use crate::tls::{self, Peer, TlsError};
 
 pub(crate) type UpstreamClient = Client<HttpsConnector<Connector>, ReqBody>;
 
@@ -88,18 +88,22 @@ impl Route {
             Ok(Err(e)) => {
                 let kind = classify_upstream(&e);
                 let up = &self.settings.upstream.url;
-                let advice = match kind {
-                    UpstreamErrorKind::Tls => "; if the upstream uses a private CA, add it with ca_file (verification cannot be turned off)",
-                    UpstreamErrorKind::Connect => "; check upstream, DNS and the network path",
+                let reason = match (kind, find_tls_error(&e)) {
+                    // The cause and fix of a refused certificate; rustls's words close it.
+                    (UpstreamErrorKind::Tls, Some(tls)) => {
+                        tls::explain(tls, Peer::Upstream, self.settings.ca_file.as_deref())
+                    }
+                    (UpstreamErrorKind::Connect, _) => {
+                        format!("{}; check upstream, DNS and the network path", chain(&e))
+                    }
                     // The tunnel error already names the proxy, its answer and what to check.
-                    _ => "",
+                    _ => chain(&e),
                 };
                 let mut err = ProxyError::new(
                     ErrorCode::UpstreamUnreachable,
                     format!(
-                        "cannot reach the upstream {up} ({}): {}{advice}",
-                        kind.as_str(),
-                        chain(&e)
+                        "cannot reach the upstream {up} ({}): {reason}",
+                        kind.as_str()
                     ),
                 );
                 err.upstream_kind = Some(kind);

@@ -83,7 +83,8 @@ pub enum FetchError {
     /// `tokengate_token_fetch_errors_total`, whose contract has no `proxy` kind.
     #[error("cannot reach the token endpoint: {0}")]
     Proxy(String),
-    #[error("TLS failure talking to the token endpoint: {0}; if it uses a private CA, add it with ca_file")]
+    /// The cause and the fix, from [`tls::explain`].
+    #[error("TLS failure talking to the token endpoint: {0}")]
     Tls(String),
     #[error("token endpoint sent an unusable response (HTTP {status}): {reason}")]
     BadResponse { status: u16, reason: String },
@@ -273,11 +274,7 @@ impl TokenClient {
             .to_string();
 
         let mut body = Vec::new();
-        while let Some(chunk) = res
-            .chunk()
-            .await
-            .map_err(|e| transport_error(e, s.timeout))?
-        {
+        while let Some(chunk) = res.chunk().await.map_err(|e| transport_error(e, s))? {
             if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
                 return Err(FetchError::BadResponse {
                     status: status.as_u16(),
@@ -322,10 +319,10 @@ fn form_encode(s: &str) -> String {
 /// the proxy answers: the same message the upstream pool gives for the same failure.
 async fn send_error(e: reqwest::Error, s: &TokenSettings) -> FetchError {
     let Egress::Proxy { url, .. } = &s.egress else {
-        return transport_error(e, s.timeout);
+        return transport_error(e, s);
     };
     if e.is_timeout() || !e.is_connect() || crate::error::find_tls_error(&e).is_some() {
-        return transport_error(e, s.timeout);
+        return transport_error(e, s);
     }
     match crate::proxy::tunnel::probe(&s.egress, &s.token_url, s.timeout).await {
         Some(tunnel) => FetchError::Proxy(tunnel.to_string()),
@@ -338,12 +335,16 @@ async fn send_error(e: reqwest::Error, s: &TokenSettings) -> FetchError {
     }
 }
 
-fn transport_error(e: reqwest::Error, timeout: Duration) -> FetchError {
+fn transport_error(e: reqwest::Error, s: &TokenSettings) -> FetchError {
     if e.is_timeout() {
-        return FetchError::Timeout(timeout);
+        return FetchError::Timeout(s.timeout);
     }
-    if let Some(tls) = crate::error::find_tls_error(&e) {
-        return FetchError::Tls(tls.to_string());
+    if let Some(err) = crate::error::find_tls_error(&e) {
+        return FetchError::Tls(tls::explain(
+            err,
+            tls::Peer::TokenEndpoint,
+            s.ca_file.as_deref(),
+        ));
     }
     // reqwest's Display names the URL (no secrets in it) and its sources carry the reason.
     let reason = crate::error::chain(&e);
