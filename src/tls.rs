@@ -177,7 +177,7 @@ pub fn explain_certificate(err: &CertificateError, peer: Peer, ca_file: Option<&
         CertificateError::InvalidPurpose => format!(
             "the server's certificate is not allowed for TLS servers: its extendedKeyUsage lacks serverAuth; issue it with extendedKeyUsage = serverAuth ({PRIVATE_CA})"
         ),
-        CertificateError::BadSignature => "the server's certificate is not validly signed by the CA it names as its issuer; check that ca_file holds that very CA (not another of the same name)".to_string(),
+        CertificateError::BadSignature => "the server's certificate is not validly signed by the CA it names as its issuer; a trusted CA has that name but another key, often ca_file holding another CA of the same name (one made again): put the CA that issued the server's certificate in ca_file".to_string(),
         CertificateError::Other(other) => match other.0.downcast_ref::<webpki::Error>() {
             Some(webpki::Error::CaUsedAsEndEntity) => format!(
                 "the server presents a CA certificate (basicConstraints CA:TRUE, as `openssl req -x509` makes by default) as its own, and rustls accepts a CA certificate only as an issuer, never as the server's certificate, even when it is in ca_file; issue the server a certificate signed by that CA and keep the CA in ca_file ({PRIVATE_CA})"
