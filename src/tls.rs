@@ -226,10 +226,14 @@ fn rfc3339(t: UnixTime) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(t.as_secs())).to_string()
 }
 
-/// `later - earlier`, to the second.
+/// `later - earlier` as a person says it: whole days past one, else to the second (a clock
+/// a few minutes off is worth seeing exactly).
 fn ago(earlier: UnixTime, later: UnixTime) -> String {
-    let secs = later.as_secs().saturating_sub(earlier.as_secs());
-    humantime::format_duration(Duration::from_secs(secs)).to_string()
+    const DAY: u64 = 24 * 3600;
+    match later.as_secs().saturating_sub(earlier.as_secs()) {
+        secs if secs >= 2 * DAY => format!("{} days", secs / DAY),
+        secs => humantime::format_duration(Duration::from_secs(secs)).to_string(),
+    }
 }
 
 #[cfg(test)]
