@@ -26,7 +26,8 @@
 //! - [`admin`]: the admin listener and the state it reads.
 //! - [`error`](mod@error): the errors tokengate answers itself and their status/JSON mapping.
 //! - [`telemetry`]: logging setup and every metric, on a registry owned by [`start`].
-//! - [`tls`]: the one rustls provider and root store both clients use.
+//! - [`tls`]: the one rustls provider and root store both clients use, and what a refused
+//!   certificate means (cause and fix) for the messages of both.
 //! - [`shutdown`]: the stop signal and OS signals.
 //! - [`report`]: the `check` and `token` reports of the command line.
 //! - [`standin`]: a local stand-in for Delivery Hub (token endpoint + API) for `demo`, tests
