@@ -274,7 +274,7 @@ impl TokenClient {
             .to_string();
 
         let mut body = Vec::new();
-        while let Some(chunk) = res.chunk().await.map_err(|e| transport_error(e, s))? {
+        while let Some(chunk) = res.chunk().await.map_err(|e| body_error(e, status, s))? {
             if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
                 return Err(FetchError::BadResponse {
                     status: status.as_u16(),
@@ -355,6 +355,18 @@ fn transport_error(e: reqwest::Error, s: &TokenSettings) -> FetchError {
         }
     } else {
         FetchError::Connect(reason)
+    }
+}
+
+/// The body broke off after the status line arrived: a bad response with that status, not
+/// `transport_error`'s "HTTP 0" (reqwest's body errors carry no status).
+fn body_error(e: reqwest::Error, status: StatusCode, s: &TokenSettings) -> FetchError {
+    if e.is_timeout() {
+        return FetchError::Timeout(s.timeout);
+    }
+    FetchError::BadResponse {
+        status: status.as_u16(),
+        reason: format!("the response body broke off: {}", crate::error::chain(&e)),
     }
 }
 
