@@ -26,7 +26,8 @@
 //! - [`admin`]: the admin listener and the state it reads.
 //! - [`error`](mod@error): the errors tokengate answers itself and their status/JSON mapping.
 //! - [`telemetry`]: logging setup and every metric, on a registry owned by [`start`].
-//! - [`tls`]: the one rustls provider and root store both clients use.
+//! - [`tls`]: the one rustls provider and root store both clients use, and what a refused
+//!   certificate means (cause and fix) for the messages of both.
 //! - [`shutdown`]: the stop signal and OS signals.
 //! - [`report`]: the `check` and `token` reports of the command line.
 //! - [`standin`]: a local stand-in for Delivery Hub (token endpoint + API) for `demo`, tests
@@ -93,7 +94,10 @@ pub enum StartError {
     #[error("{0} integration listeners for {1} integrations")]
     ListenerCount(usize, usize),
     #[error("integration {name}: {source}")]
-    Tls { name: String, source: tls::TlsError },
+    Route {
+        name: String,
+        source: proxy::RouteError,
+    },
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("{0}")]
@@ -231,7 +235,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
     };
     for (integration, listener) in config.integrations.iter().zip(listeners.integrations) {
         let name: Arc<str> = Arc::from(integration.name.as_str());
-        let route = Route::new(integration.proxy.clone()).map_err(|source| StartError::Tls {
+        let route = Route::new(integration.proxy.clone()).map_err(|source| StartError::Route {
             name: integration.name.clone(),
             source,
         })?;

@@ -293,7 +293,9 @@ fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
 }
 
 async fn fetch_one(settings: &TokenSettings) -> Result<Issued, String> {
-    let client = TokenClient::new(settings).map_err(|e| e.to_string())?;
+    // The same words as the refresher's, so a bad ca_file does not read as a failed request.
+    let client =
+        TokenClient::new(settings).map_err(|e| format!("cannot build the token client: {e}"))?;
     client.fetch(settings).await.map_err(|e| e.to_string())
 }
 

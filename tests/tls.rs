@@ -1,17 +1,24 @@
-//! TLS towards the upstream (`tokengate::tls` and the proxy's pooled client): a private CA
-//! through `ca_file`, HTTP/2 by ALPN, verification that cannot be skipped (unknown issuer,
-//! wrong name), and the rule that plain `http://` is only for loopback upstreams. The
-//! stand-in hub serves TLS with rcgen certificates made per test.
+//! TLS towards the upstream and the token endpoint (`tokengate::tls`, the proxy's pooled
+//! client, the token client): a private CA through `ca_file`, HTTP/2 by ALPN, verification
+//! that cannot be skipped, a refused certificate explained by its cause and fix (a CA
+//! certificate served as the server's own, expired, wrong name, unknown issuer, no serverAuth)
+//! in `/readyz`, `/status` and the 502, and the rule that plain `http://` is only for
+//! loopback upstreams. The stand-in hub serves TLS with rcgen certificates made per test.
 #![allow(clippy::unwrap_used)]
 
 mod support;
 
 use std::path::Path;
+use std::time::Duration;
 
 use serde_json::Value;
-use support::{client, sample, start, start_with, tls_hub, TestCa};
+use support::{
+    client, eventually, sample, self_signed_ca_server, start, start_toml, start_with, tls_hub,
+    tls_hub_with, toml_for, TestCa, Tg,
+};
 use tokengate::config::Config;
 use tokengate::config::ProxyEnv;
+use tokengate::standin::Hub;
 
 fn ca_line(path: &Path) -> String {
     // A TOML literal string: no escaping of the path's characters.
@@ -127,14 +134,198 @@ async fn certificate_for_another_name_is_502_tls() {
     )
     .await;
 
+    let message = bad_gateway(&tg).await;
+    assert!(message.contains("(tls)"), "{message}");
+    assert!(
+        message.contains("certificate is for otherhost, not for localhost, the host in upstream"),
+        "{message}"
+    );
+    assert!(
+        message.contains("or issue the certificate with localhost in its subjectAltName"),
+        "{message}"
+    );
+    assert_eq!(upstream.api_request_count(), 0);
+    assert_eq!(upstream_errors(&tg, "tls").await, Some(1.0));
+    tg.stop().await;
+
+    // The same certificate as the token endpoint's.
+    let (tg, reason) = refused(&upstream, &ca_line(&ca_file)).await;
+    assert!(
+        reason.contains("certificate is for otherhost, not for localhost, the host in token_url"),
+        "{reason}"
+    );
+    assert_eq!(upstream.token_request_count(), 0);
+    tg.stop().await;
+}
+
+/// The message of the 502 a request gets from `tg`, whose upstream refuses the handshake.
+async fn bad_gateway(tg: &Tg) -> String {
     let res = client().get(tg.url("/v2/orders")).send().await.unwrap();
     assert_eq!(res.status(), 502);
     assert_eq!(res.headers()["x-tokengate-error"], "upstream_unreachable");
     let body: Value = res.json().await.unwrap();
-    let message = body["message"].as_str().unwrap().to_lowercase();
-    assert!(message.contains("tls"), "{message}");
-    assert_eq!(upstream.api_request_count(), 0);
+    body["message"].as_str().unwrap().to_owned()
+}
+
+/// tokengate with `hub` as token endpoint and upstream, not waiting for a readiness that
+/// never comes: the reason `/readyz` gives once the first fetch failed on TLS, checked to be
+/// the one `/status` shows.
+async fn refused(hub: &Hub, extra: &str) -> (Tg, String) {
+    let tg = start_toml(&toml_for(hub, extra)).await;
+    let reason = eventually(
+        "/readyz names the TLS failure",
+        Duration::from_secs(10),
+        || async {
+            let (code, body) = tg.readyz().await;
+            let reason = body["not_ready"][0]["reason"].as_str()?.to_owned();
+            (code == 503 && reason.contains("TLS failure")).then_some(reason)
+        },
+    )
+    .await;
+    let status = tg.status().await;
+    assert_eq!(status["integrations"][0]["last_error"], reason.as_str());
+    assert!(
+        tg.metric("tokengate_token_fetch_errors_total", &[("kind", "tls")])
+            .await
+            >= 1.0
+    );
+    assert!(
+        !reason.contains("; if it uses a private CA, add it with ca_file"),
+        "the old blanket advice: {reason}"
+    );
+    (tg, reason)
+}
+
+/// The report from outside: `openssl req -x509` makes a CA certificate (`CA:TRUE`), the user
+/// serves it as the server's own and puts it in ca_file, as told. rustls refuses it all the
+/// same; the message must say so and name the fix, not send them back to ca_file.
+#[tokio::test]
+async fn ca_certificate_served_as_the_servers_own_names_the_cause_and_fix() {
+    let (config, pem) = self_signed_ca_server(&["localhost"]);
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("server.pem");
+    std::fs::write(&ca_file, pem).unwrap();
+    let hub = tls_hub_with(config).await;
+
+    let (tg, reason) = refused(&hub, &ca_line(&ca_file)).await;
+    assert!(
+        reason.starts_with("TLS failure talking to the token endpoint: the server presents a CA certificate (basicConstraints CA:TRUE"),
+        "{reason}"
+    );
+    assert!(reason.contains("even when it is in ca_file"), "{reason}");
+    assert!(
+        reason.contains(
+            "issue the server a certificate signed by that CA and keep the CA in ca_file"
+        ),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("README's \"Private CA\" section"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("CaUsedAsEndEntity"),
+        "rustls's words stay: {reason}"
+    );
+    assert_eq!(hub.token_request_count(), 0);
+    tg.stop().await;
+
+    // The same server as the upstream: the 502 says the same.
+    let tokens = support::hub().await;
+    let tg = start_with(&tokens.token_url(), &hub.base_url(), &ca_line(&ca_file)).await;
+    let message = bad_gateway(&tg).await;
+    assert!(
+        message.contains("(tls): the server presents a CA certificate"),
+        "{message}"
+    );
+    assert!(
+        message.contains("issue the server a certificate signed by that CA"),
+        "{message}"
+    );
+    assert_eq!(hub.api_request_count(), 0);
     assert_eq!(upstream_errors(&tg, "tls").await, Some(1.0));
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn expired_certificate_names_its_end_date() {
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = ca.write_pem(dir.path());
+    let hub = tls_hub_with(ca.server_config_with(&["localhost"], |p| {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    }))
+    .await;
+
+    let (tg, reason) = refused(&hub, &ca_line(&ca_file)).await;
+    assert!(
+        reason.contains("the server's certificate expired at 2021-01-01T00:00:00Z ("),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("renew it on the server, or fix this host's clock"),
+        "{reason}"
+    );
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn certificate_from_a_ca_not_in_ca_file_names_the_file() {
+    let trusted = TestCa::new();
+    let other = TestCa::named("another test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = trusted.write_pem(dir.path());
+    let hub = tls_hub(&other, &["localhost"]).await;
+
+    let (tg, reason) = refused(&hub, &ca_line(&ca_file)).await;
+    assert!(
+        reason.contains(&format!(
+            "the server's certificate was not issued by a CA tokengate trusts (the public web roots and ca_file {})",
+            ca_file.display()
+        )),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("put the CA that issued it in ca_file"),
+        "{reason}"
+    );
+    tg.stop().await;
+
+    // A CA made again under the same name (a regenerated dev CA): found by name, refused by
+    // signature.
+    let again = TestCa::new();
+    let hub = tls_hub(&again, &["localhost"]).await;
+    let (tg, reason) = refused(&hub, &ca_line(&ca_file)).await;
+    assert!(
+        reason.contains("not validly signed by the CA it names as its issuer"),
+        "{reason}"
+    );
+    assert!(reason.contains("another CA of the same name"), "{reason}");
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn certificate_without_server_auth_names_the_missing_purpose() {
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = ca.write_pem(dir.path());
+    let hub = tls_hub_with(ca.server_config_with(&["localhost"], |p| {
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    }))
+    .await;
+
+    let (tg, reason) = refused(&hub, &ca_line(&ca_file)).await;
+    assert!(
+        reason.contains(
+            "not allowed for TLS servers: its extendedKeyUsage is clientAuth and lacks serverAuth"
+        ),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("issue it with extendedKeyUsage = serverAuth"),
+        "{reason}"
+    );
     tg.stop().await;
 }
 

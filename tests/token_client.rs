@@ -426,6 +426,32 @@ async fn connection_refused_is_connect() {
 }
 
 #[tokio::test]
+async fn a_body_that_breaks_off_is_a_bad_response_with_its_status() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A server that promises 100 bytes, sends 10 and closes.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = conn.read(&mut buf).await;
+        conn.write_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"access_t",
+        )
+        .await
+        .unwrap();
+    });
+    let s = settings(&format!("http://{addr}/oauth/token"), "oms", CANARY, "");
+    let err = expect_error(
+        &s,
+        "bad_response",
+        &["(HTTP 200)", "the response body broke off"],
+    )
+    .await;
+    assert!(!err.to_string().contains("HTTP 0"), "{err}");
+}
+
+#[tokio::test]
 async fn tls_needs_the_private_ca_in_ca_file() {
     let ca = support::TestCa::new();
     let hub = support::tls_hub(&ca, &["localhost"]).await;

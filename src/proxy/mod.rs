@@ -50,6 +50,7 @@ use body::{tee, ClientBodyFailure, InFlight, InFlightGuard, KeptBody, ReqBody, R
 use hygiene::{check_absolute_form, request_id, strip_hop_by_hop, X_REQUEST_ID};
 pub(crate) use listener::serve;
 pub(crate) use upstream::Route;
+pub use upstream::RouteError;
 
 /// How often one request is replayed after 401s: once for the refused token, once more when
 /// the replay's own new token was revoked before it arrived. A bound, so an upstream that

@@ -21,12 +21,27 @@ use crate::config::ProxySettings;
 use crate::error::{
     chain, find_in_chain, find_tls_error, ErrorCode, ProxyError, UpstreamErrorKind,
 };
-use crate::tls::{self, TlsError};
+use crate::tls::{self, Peer, TlsError};
 
 pub(crate) type UpstreamClient = Client<HttpsConnector<Connector>, ReqBody>;
 
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(90);
+
+/// Why a route cannot be built from its settings.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// Config validation already parsed the upstream URL, so this is a `host:port` that
+    /// `url` accepts and `http` does not.
+    #[error("the upstream {url} has a host and port that cannot be used as an HTTP authority ({authority:?}): {reason}")]
+    Authority {
+        url: String,
+        authority: String,
+        reason: String,
+    },
+}
 
 /// The live, reloadable part of an integration's proxy: settings and the client built for them.
 pub(crate) struct Route {
@@ -38,14 +53,16 @@ pub(crate) struct Route {
 }
 
 impl Route {
-    pub(crate) fn new(settings: ProxySettings) -> Result<Route, TlsError> {
+    pub(crate) fn new(settings: ProxySettings) -> Result<Route, RouteError> {
         let client = build_client(&settings)?;
         let up = &settings.upstream;
         let scheme = if up.tls { Scheme::HTTPS } else { Scheme::HTTP };
-        let authority = Authority::try_from(up.authority.as_str()).map_err(|e| TlsError::Pem {
-            path: "upstream".into(),
-            reason: e.to_string(),
-        })?;
+        let authority =
+            Authority::try_from(up.authority.as_str()).map_err(|e| RouteError::Authority {
+                url: up.url.to_string(),
+                authority: up.authority.clone(),
+                reason: e.to_string(),
+            })?;
         let allow = settings.allow_methods.as_ref().and_then(|methods| {
             let list: Vec<&str> = methods.iter().map(Method::as_str).collect();
             HeaderValue::try_from(list.join(", ")).ok()
@@ -71,18 +88,22 @@ impl Route {
             Ok(Err(e)) => {
                 let kind = classify_upstream(&e);
                 let up = &self.settings.upstream.url;
-                let advice = match kind {
-                    UpstreamErrorKind::Tls => "; if the upstream uses a private CA, add it with ca_file (verification cannot be turned off)",
-                    UpstreamErrorKind::Connect => "; check upstream, DNS and the network path",
+                let reason = match (kind, find_tls_error(&e)) {
+                    // The cause and fix of a refused certificate; rustls's words close it.
+                    (UpstreamErrorKind::Tls, Some(tls)) => {
+                        tls::explain(tls, Peer::Upstream, self.settings.ca_file.as_deref())
+                    }
+                    (UpstreamErrorKind::Connect, _) => {
+                        format!("{}; check upstream, DNS and the network path", chain(&e))
+                    }
                     // The tunnel error already names the proxy, its answer and what to check.
-                    _ => "",
+                    _ => chain(&e),
                 };
                 let mut err = ProxyError::new(
                     ErrorCode::UpstreamUnreachable,
                     format!(
-                        "cannot reach the upstream {up} ({}): {}{advice}",
-                        kind.as_str(),
-                        chain(&e)
+                        "cannot reach the upstream {up} ({}): {reason}",
+                        kind.as_str()
                     ),
                 );
                 err.upstream_kind = Some(kind);

@@ -83,7 +83,8 @@ pub enum FetchError {
     /// `tokengate_token_fetch_errors_total`, whose contract has no `proxy` kind.
     #[error("cannot reach the token endpoint: {0}")]
     Proxy(String),
-    #[error("TLS failure talking to the token endpoint: {0}; if it uses a private CA, add it with ca_file")]
+    /// The cause and the fix, from [`tls::explain`].
+    #[error("TLS failure talking to the token endpoint: {0}")]
     Tls(String),
     #[error("token endpoint sent an unusable response (HTTP {status}): {reason}")]
     BadResponse { status: u16, reason: String },
@@ -138,6 +139,19 @@ impl FetchError {
     }
 }
 
+/// Why a token client cannot be built; the refresher retries on its backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// reqwest refused the egress proxy URL; config validation accepted it, so this is a URL
+    /// that `url` parses and reqwest does not. Named without its credentials.
+    #[error("the egress proxy {proxy} cannot be used for the token endpoint: {reason}")]
+    Proxy { proxy: String, reason: String },
+    #[error("cannot set up the HTTP client for the token endpoint: {0}")]
+    Build(String),
+}
+
 /// A reqwest client for one integration's token endpoint.
 #[derive(Clone, Debug)]
 pub struct TokenClient {
@@ -145,12 +159,8 @@ pub struct TokenClient {
 }
 
 impl TokenClient {
-    pub fn new(settings: &TokenSettings) -> Result<TokenClient, TlsError> {
+    pub fn new(settings: &TokenSettings) -> Result<TokenClient, ClientError> {
         let tls = tls::client_config(settings.ca_file.as_deref())?;
-        let setup = |e: reqwest::Error| TlsError::Pem {
-            path: "token client".into(),
-            reason: e.to_string(),
-        };
         let builder = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .user_agent(USER_AGENT)
@@ -164,7 +174,11 @@ impl TokenClient {
             Egress::Proxy { url, auth, .. } => {
                 // An https token_url through an http proxy: reqwest tunnels with CONNECT and
                 // sends the credentials on CONNECT only, TLS running inside the tunnel.
-                let mut proxy = reqwest::Proxy::all(url.as_str()).map_err(setup)?;
+                let mut proxy =
+                    reqwest::Proxy::all(url.as_str()).map_err(|e| ClientError::Proxy {
+                        proxy: proxy_name(url),
+                        reason: crate::error::chain(&e),
+                    })?;
                 if let Some(auth) = auth {
                     let (user, password) = auth
                         .value
@@ -176,7 +190,9 @@ impl TokenClient {
                 builder.proxy(proxy)
             }
         };
-        let http = builder.build().map_err(setup)?;
+        let http = builder
+            .build()
+            .map_err(|e| ClientError::Build(crate::error::chain(&e)))?;
         Ok(TokenClient { http })
     }
 
@@ -258,11 +274,7 @@ impl TokenClient {
             .to_string();
 
         let mut body = Vec::new();
-        while let Some(chunk) = res
-            .chunk()
-            .await
-            .map_err(|e| transport_error(e, s.timeout))?
-        {
+        while let Some(chunk) = res.chunk().await.map_err(|e| body_error(e, status, s))? {
             if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
                 return Err(FetchError::BadResponse {
                     status: status.as_u16(),
@@ -307,10 +319,10 @@ fn form_encode(s: &str) -> String {
 /// the proxy answers: the same message the upstream pool gives for the same failure.
 async fn send_error(e: reqwest::Error, s: &TokenSettings) -> FetchError {
     let Egress::Proxy { url, .. } = &s.egress else {
-        return transport_error(e, s.timeout);
+        return transport_error(e, s);
     };
     if e.is_timeout() || !e.is_connect() || crate::error::find_tls_error(&e).is_some() {
-        return transport_error(e, s.timeout);
+        return transport_error(e, s);
     }
     match crate::proxy::tunnel::probe(&s.egress, &s.token_url, s.timeout).await {
         Some(tunnel) => FetchError::Proxy(tunnel.to_string()),
@@ -323,12 +335,16 @@ async fn send_error(e: reqwest::Error, s: &TokenSettings) -> FetchError {
     }
 }
 
-fn transport_error(e: reqwest::Error, timeout: Duration) -> FetchError {
+fn transport_error(e: reqwest::Error, s: &TokenSettings) -> FetchError {
     if e.is_timeout() {
-        return FetchError::Timeout(timeout);
+        return FetchError::Timeout(s.timeout);
     }
-    if let Some(tls) = crate::error::find_tls_error(&e) {
-        return FetchError::Tls(tls.to_string());
+    if let Some(err) = crate::error::find_tls_error(&e) {
+        return FetchError::Tls(tls::explain(
+            err,
+            tls::Peer::TokenEndpoint,
+            s.ca_file.as_deref(),
+        ));
     }
     // reqwest's Display names the URL (no secrets in it) and its sources carry the reason.
     let reason = crate::error::chain(&e);
@@ -339,6 +355,18 @@ fn transport_error(e: reqwest::Error, timeout: Duration) -> FetchError {
         }
     } else {
         FetchError::Connect(reason)
+    }
+}
+
+/// The body broke off after the status line arrived: a bad response with that status, not
+/// `transport_error`'s "HTTP 0" (reqwest's body errors carry no status).
+fn body_error(e: reqwest::Error, status: StatusCode, s: &TokenSettings) -> FetchError {
+    if e.is_timeout() {
+        return FetchError::Timeout(s.timeout);
+    }
+    FetchError::BadResponse {
+        status: status.as_u16(),
+        reason: format!("the response body broke off: {}", crate::error::chain(&e)),
     }
 }
 

@@ -434,12 +434,18 @@ pub struct TestCa {
 
 impl TestCa {
     pub fn new() -> TestCa {
+        TestCa::named("tokengate test CA")
+    }
+
+    /// A CA whose subject's common name is `name`. Two CAs of the same name look alike to a
+    /// verifier until it checks the signature.
+    pub fn named(name: &str) -> TestCa {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         params
             .distinguished_name
-            .push(rcgen::DnType::CommonName, "tokengate test CA");
+            .push(rcgen::DnType::CommonName, name);
         TestCa {
             issuer: rcgen::CertifiedIssuer::self_signed(params, key).unwrap(),
         }
@@ -470,12 +476,21 @@ impl TestCa {
 
     /// A server configuration (ALPN h2, http/1.1) with a leaf for `names`, signed by this CA.
     pub fn server_config(&self, names: &[&str]) -> std::sync::Arc<rustls::ServerConfig> {
+        self.server_config_with(names, |_| {})
+    }
+
+    /// [`TestCa::server_config`] with the leaf's parameters changed by `edit` first (its
+    /// validity period, its extended key usages), for certificates a client must refuse.
+    pub fn server_config_with(
+        &self,
+        names: &[&str],
+        edit: impl FnOnce(&mut rcgen::CertificateParams),
+    ) -> std::sync::Arc<rustls::ServerConfig> {
         let key = rcgen::KeyPair::generate().unwrap();
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-        let leaf = rcgen::CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &self.issuer)
-            .unwrap();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        edit(&mut params);
+        let leaf = params.signed_by(&key, &self.issuer).unwrap();
         tokengate::standin::tls_server_config(
             vec![leaf.der().clone()],
             rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
@@ -484,14 +499,39 @@ impl TestCa {
     }
 }
 
-/// A stand-in served over TLS with a leaf for `names` signed by `ca`; its base URL is
-/// `https://localhost:PORT`.
-pub async fn tls_hub(ca: &TestCa, names: &[&str]) -> Hub {
+/// A server whose own certificate is a self-signed CA certificate (`CA:TRUE`) for `names`,
+/// as `openssl req -x509` makes one: the server configuration and the certificate's PEM (what
+/// a user puts in `ca_file`).
+pub fn self_signed_ca_server(names: &[&str]) -> (std::sync::Arc<rustls::ServerConfig>, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let mut params = rcgen::CertificateParams::new(names).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "localhost");
+    let cert = params.self_signed(&key).unwrap();
+    let config = tokengate::standin::tls_server_config(
+        vec![cert.der().clone()],
+        rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .unwrap();
+    (config, cert.pem())
+}
+
+/// A stand-in served over TLS with `config`; its base URL is `https://localhost:PORT`.
+pub async fn tls_hub_with(config: std::sync::Arc<rustls::ServerConfig>) -> Hub {
     hub_with(HubOptions {
-        tls: Some(ca.server_config(names)),
+        tls: Some(config),
         ..HubOptions::default()
     })
     .await
+}
+
+/// A stand-in served over TLS with a leaf for `names` signed by `ca`; its base URL is
+/// `https://localhost:PORT`.
+pub async fn tls_hub(ca: &TestCa, names: &[&str]) -> Hub {
+    tls_hub_with(ca.server_config(names)).await
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
