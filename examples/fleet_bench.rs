@@ -4,7 +4,8 @@
 //! ```text
 //! cargo run --release --example fleet_bench -- [--redis redis://127.0.0.1:6379] \
 //!     [--sizes 1:1,10:2,100:4,1000:4] [--periods 4] [--lifetime-secs 6] \
-//!     [--ab-rounds 3] [--ab-secs 5] [--ab-conns 64] [--skip-ab] [--skip-fleet]
+//!     [--start-spread-ms 5000] [--ab-rounds 3] [--ab-secs 5] [--ab-conns 64] \
+//!     [--skip-ab] [--skip-fleet]
 //! ```
 //!
 //! The parent starts `redis-server` itself (a free loopback port, nothing persisted) unless
@@ -13,7 +14,7 @@
 //! (refresh at 80 %: every ~4.8 s for 6 s tokens). For each `members:processes` of `--sizes`
 //! it spawns that many child processes of itself (`--role members --count K`), each hosting
 //! K full tokengate instances in-process (own listeners, own Redis connections, `[fleet]`
-//! on), and measures over `--periods` refresh periods, starting at a publication:
+//! on; their starts spread over `--start-spread-ms`), and measures over `--periods` refresh periods, starting at a publication:
 //!
 //! - **token fetches per refresh period**: the stand-in's token request count over the
 //!   window (`periods` × nominal period + half a period), divided by `periods`. Target: 1.
@@ -30,10 +31,11 @@
 //! since both share the client), 64 keep-alive connections from the parent for `--ab-secs`
 //! each, interleaved, `--ab-rounds` rounds; reported as requests/s and the on/off ratio.
 //!
-//! Progress goes to stderr; the results, as Markdown tables, to stdout.
+//! Progress goes to stderr; the results, as Markdown tables, to stdout. `FLEET_BENCH_LOG=warn`
+//! (a tracing filter) shows the instances' own log on stderr.
 #![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
@@ -92,10 +94,23 @@ struct Args {
     /// Child: run the instances without `[fleet]`.
     #[arg(long)]
     no_fleet: bool,
+    /// Starts of a child's instances are spread evenly over this many milliseconds, so the
+    /// members' timers (refresh jitter, the listeners' 5-s pings) do not all share one phase
+    /// as they would if a thousand sidecars had started in the same 300 ms.
+    #[arg(long, default_value_t = 5000)]
+    start_spread_ms: u64,
 }
 
 fn main() {
     let args = Args::parse();
+    // tokengate's own log, to stderr: FLEET_BENCH_LOG=warn (or any tracing filter); off by
+    // default, since a thousand instances would drown the results.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLEET_BENCH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -178,8 +193,15 @@ async fn members(args: Args) {
         pubsub.subscribe(CHANNEL).await.unwrap();
         probe = Some(pubsub);
     }
-    let started =
-        futures_util::future::join_all((0..args.count).map(|_| start_instance(&args))).await;
+    let spread = Duration::from_millis(args.start_spread_ms);
+    let started = futures_util::future::join_all((0..args.count).map(|i| {
+        let args = &args;
+        async move {
+            tokio::time::sleep(spread.mul_f64(i as f64 / args.count as f64)).await;
+            start_instance(args).await
+        }
+    }))
+    .await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while !started.iter().all(|(r, _)| r.is_ready()) {
         assert!(Instant::now() < deadline, "instances not ready within 60 s");
@@ -301,16 +323,54 @@ async fn start_redis() -> (OwnRedis, String) {
     panic!("redis-server did not answer on {url}");
 }
 
-async fn commands_processed(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+/// `total_commands_processed`, and the calls per command (`INFO commandstats`).
+async fn commands_processed(
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> (u64, BTreeMap<String, u64>) {
     let info: String = redis::cmd("INFO")
         .arg("stats")
         .query_async(conn)
         .await
         .unwrap();
-    info.lines()
+    let total = info
+        .lines()
         .find_map(|l| l.strip_prefix("total_commands_processed:"))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap()
+        .unwrap();
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    // cmdstat_hmget:calls=12,usec=…
+    let per_command = stats
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect();
+    (total, per_command)
+}
+
+/// Calls per command between two `INFO commandstats`, most called first.
+fn command_mix(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> String {
+    let mut mix: Vec<(u64, &str)> = after
+        .iter()
+        .map(|(name, n)| (n - before.get(name).copied().unwrap_or(0), name.as_str()))
+        .filter(|&(n, name)| n > 0 && name != "info")
+        .collect();
+    mix.sort_unstable_by(|a, b| b.cmp(a));
+    mix.iter()
+        .map(|(n, name)| format!("{name} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A child process and every line it printed.
@@ -320,13 +380,14 @@ struct Members {
     reader: tokio::task::JoinHandle<()>,
 }
 
-fn spawn_members(redis: &str, hub: &Hub, count: usize, fleet: bool) -> Members {
+fn spawn_members(redis: &str, hub: &Hub, count: usize, fleet: bool, spread_ms: u64) -> Members {
     let exe = std::env::current_exe().unwrap();
     let mut cmd = Command::new(exe);
     cmd.args(["--role", "members", "--count", &count.to_string()])
         .args(["--redis", redis])
         .args(["--token-url", &hub.token_url()])
         .args(["--upstream", &hub.base_url()])
+        .args(["--start-spread-ms", &spread_ms.to_string()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -415,22 +476,28 @@ struct SizeResult {
     publications: usize,
     mean_interval: Option<f64>,
     commands_per_sec: f64,
+    /// Calls per command over the window (INFO itself left out).
+    command_mix: String,
     samples: usize,
     p50: Option<u64>,
+    p90: Option<u64>,
     p99: Option<u64>,
+    over_100ms: usize,
     max: Option<u64>,
     missed: u64,
     startup_fetches: usize,
     startup_secs: f64,
 }
 
-/// Publications seen on the channel: (when, generation).
-type Published = Arc<Mutex<Vec<(Instant, u64)>>>;
+/// Publications seen on the channel: (when, generation, connections subscribed to the
+/// channel right after, by `PUBSUB NUMSUB`).
+type Published = Arc<Mutex<Vec<(Instant, u64, u64)>>>;
 
 async fn watch_publications(redis: &str) -> Published {
     let client = redis::Client::open(redis).unwrap();
     let mut pubsub = client.get_async_pubsub().await.unwrap();
     pubsub.subscribe(CHANNEL).await.unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let seen: Published = Arc::default();
     let sink = seen.clone();
     tokio::spawn(async move {
@@ -441,7 +508,14 @@ async fn watch_publications(redis: &str) -> Published {
                 .rsplit_once(' ')
                 .and_then(|(_, g)| g.parse::<u64>().ok())
             {
-                sink.lock().unwrap().push((Instant::now(), g));
+                let at = Instant::now();
+                let (_, subscribed): (String, u64) = redis::cmd("PUBSUB")
+                    .arg("NUMSUB")
+                    .arg(CHANNEL)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or_default();
+                sink.lock().unwrap().push((at, g, subscribed));
             }
         }
     });
@@ -465,7 +539,7 @@ async fn run_size(
     let children: Vec<Members> = (0..processes)
         .map(|p| {
             let count = members / processes + usize::from(p < members % processes);
-            spawn_members(redis, hub, count, true)
+            spawn_members(redis, hub, count, true, args.start_spread_ms)
         })
         .collect();
     wait_ready(&children, Duration::from_secs(120)).await;
@@ -479,7 +553,7 @@ async fn run_size(
     // `periods` nominal periods and half a period more, so it holds `periods` scheduled ones.
     let seen_at_ready = published.lock().unwrap().len();
     let deadline = Instant::now() + period * 3;
-    let (t0, g0) = loop {
+    let (t0, g0, _) = loop {
         if let Some(&first) = published.lock().unwrap().get(seen_at_ready) {
             break first;
         }
@@ -487,26 +561,29 @@ async fn run_size(
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let f0 = hub.token_request_count();
-    let c0 = commands_processed(conn).await;
+    let (c0, mix0) = commands_processed(conn).await;
     let c0_at = Instant::now();
     let end = t0 + period * args.periods + period / 2;
     tokio::time::sleep_until(end).await;
     let f1 = hub.token_request_count();
-    let c1 = commands_processed(conn).await;
+    let (c1, mix1) = commands_processed(conn).await;
     let c_secs = c0_at.elapsed().as_secs_f64();
-    let in_window: Vec<(Instant, u64)> = published
+    let in_window: Vec<(Instant, u64, u64)> = published
         .lock()
         .unwrap()
         .iter()
         .copied()
-        .filter(|&(t, g)| t > t0 && t <= end && g > g0)
+        .filter(|&(t, g, _)| t > t0 && t <= end && g > g0)
         .collect();
-    let generations: BTreeSet<u64> = in_window.iter().map(|&(_, g)| g).collect();
+    // Every member's listener, each child's probe and this process's watcher.
+    let expected = members + processes + 1;
+    let subscribed: BTreeMap<u64, u64> = in_window.iter().map(|&(_, g, n)| (g, n)).collect();
+    let generations: BTreeSet<u64> = subscribed.keys().copied().collect();
     let mean_interval = in_window
         .last()
-        .map(|&(t, _)| (t - t0).as_secs_f64() / in_window.len() as f64);
+        .map(|&(t, _, _)| (t - t0).as_secs_f64() / in_window.len() as f64);
 
-    let mut latencies = Vec::new();
+    let mut per_generation: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
     let mut missed = 0;
     for child in children {
         for line in child.stop().await {
@@ -520,15 +597,32 @@ async fn run_size(
             }
             match (kind, rest) {
                 (Some("lat"), Some(rest)) => {
-                    latencies.extend(rest.split(',').filter_map(|v| v.parse::<u64>().ok()))
+                    let these = rest.split(',').filter_map(|v| v.parse::<u64>().ok());
+                    per_generation.entry(g).or_default().extend(these);
                 }
                 (Some("miss"), Some(n)) => missed += n.parse::<u64>().unwrap_or(0),
                 _ => {}
             }
         }
     }
+    let mut latencies = Vec::new();
+    for (g, mut these) in per_generation {
+        these.sort_unstable();
+        eprintln!(
+            "    generation {g}: {} adopted, p50 {} p99 {} max {}, {} over 100 ms; {} of {expected} connections subscribed just after",
+            these.len(),
+            ms(percentile(&these, 50.0)),
+            ms(percentile(&these, 99.0)),
+            ms(these.last().copied()),
+            these.iter().filter(|&&us| us > 100_000).count(),
+            subscribed.get(&g).copied().unwrap_or(0),
+        );
+        latencies.extend(these);
+    }
     latencies.sort_unstable();
     SizeResult {
+        p90: percentile(&latencies, 90.0),
+        over_100ms: latencies.iter().filter(|&&us| us > 100_000).count(),
         members,
         processes,
         periods: args.periods,
@@ -536,6 +630,7 @@ async fn run_size(
         publications: in_window.len(),
         mean_interval,
         commands_per_sec: (c1 - c0) as f64 / c_secs,
+        command_mix: command_mix(&mix0, &mix1),
         samples: latencies.len(),
         p50: percentile(&latencies, 50.0),
         p99: percentile(&latencies, 99.0),
@@ -600,8 +695,8 @@ async fn load(addr: SocketAddr, conns: usize, duration: Duration) -> (f64, u64) 
 async fn request_path(args: &Args, redis: &str, hub: &Hub) -> Vec<(f64, f64, u64)> {
     // Both instances share the client; a revoking server would make them revoke each other.
     hub.set_revoke_on_issue(false);
-    let on = spawn_members(redis, hub, 1, true);
-    let off = spawn_members(redis, hub, 1, false);
+    let on = spawn_members(redis, hub, 1, true, 0);
+    let off = spawn_members(redis, hub, 1, false, 0);
     let both = [on, off];
     wait_ready(&both, Duration::from_secs(30)).await;
     let addrs = [both[0].addrs()[0], both[1].addrs()[0]];
@@ -666,8 +761,8 @@ async fn parent(args: Args) {
             )
             .await;
             eprintln!(
-                "  {} fetches in {} periods, {} publications, {:.0} commands/s, adoption p50 {} p99 {} ({} samples, {} missed)",
-                r.fetches, r.periods, r.publications, r.commands_per_sec, ms(r.p50), ms(r.p99), r.samples, r.missed
+                "  {} fetches in {} periods, {} publications, {:.0} commands/s, adoption p50 {} p90 {} p99 {} ({} samples, {} over 100 ms, {} missed)",
+                r.fetches, r.periods, r.publications, r.commands_per_sec, ms(r.p50), ms(r.p90), ms(r.p99), r.samples, r.over_100ms, r.missed
             );
             results.push(r);
         }
@@ -707,6 +802,12 @@ async fn parent(args: Args) {
                 r.startup_fetches,
                 r.startup_secs,
             );
+        }
+    }
+    if !results.is_empty() {
+        println!("\nRedis calls per command over each window (each publication window is `periods` periods and half a period long; MULTI/EXEC wrap each entry read, EVALSHA is the claim and publish scripts):\n");
+        for r in &results {
+            println!("- {} members: {}", r.members, r.command_mix);
         }
     }
     if !ab.is_empty() {
