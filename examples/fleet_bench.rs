@@ -299,13 +299,16 @@ fn free_port() -> u16 {
 
 async fn start_redis() -> (OwnRedis, String) {
     let port = free_port();
-    let child = std::process::Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no", "--maxclients", "10000"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server not found (bench/fleet.sh installs Debian's)");
+    // Owned (killed and waited for on drop) before anything can fail.
+    let own = OwnRedis {
+        child: std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--maxclients", "10000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server not found (bench/fleet.sh installs Debian's)"),
+    };
     let url = format!("redis://127.0.0.1:{port}");
     let client = redis::Client::open(url.as_str()).unwrap();
     for _ in 0..200 {
@@ -315,7 +318,7 @@ async fn start_redis() -> (OwnRedis, String) {
                 .await
                 .is_ok()
             {
-                return (OwnRedis { child }, url);
+                return (own, url);
             }
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
