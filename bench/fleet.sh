@@ -16,6 +16,8 @@
 #   REDIS_URL=        use this Redis (it is FLUSHALLed) instead of starting redis-server
 #   SKIP_BUILD=1      do not run cargo build
 #   FLEET_BENCH_LOG=warn   show the instances' own log on stderr (a tracing filter)
+# Arguments are passed on to fleet_bench, e.g. `bench/fleet.sh --resp3 --skip-ab` (members
+# speak RESP3 to Redis) or `bench/fleet.sh --skip-fleet` (the request path only).
 set -Eeuo pipefail
 trap 'echo "[fleet-bench] failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 
@@ -70,5 +72,5 @@ args=(--sizes "$SIZES" --periods "$PERIODS" --lifetime-secs "$LIFETIME"
 if [[ -n $REDIS_URL ]]; then args+=(--redis "$REDIS_URL"); fi
 
 started=$SECONDS
-"$BIN" "${args[@]}"
+"$BIN" "${args[@]}" "$@"
 say "done in $((SECONDS - started)) s; load average now $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -5,7 +5,7 @@
 //! cargo run --release --example fleet_bench -- [--redis redis://127.0.0.1:6379] \
 //!     [--sizes 1:1,10:2,100:4,1000:4] [--periods 4] [--lifetime-secs 6] \
 //!     [--start-spread-ms 5000] [--ab-rounds 3] [--ab-secs 5] [--ab-conns 64] \
-//!     [--skip-ab] [--skip-fleet]
+//!     [--resp3] [--skip-ab] [--skip-fleet]
 //! ```
 //!
 //! The parent starts `redis-server` itself (a free loopback port, nothing persisted) unless
@@ -99,6 +99,23 @@ struct Args {
     /// as they would if a thousand sidecars had started in the same 300 ms.
     #[arg(long, default_value_t = 5000)]
     start_spread_ms: u64,
+    /// The members speak RESP3 to Redis (`?protocol=resp3` on their `redis_url`).
+    #[arg(long)]
+    resp3: bool,
+}
+
+/// `url` with `?protocol=resp3` (or `&protocol=resp3`) added.
+fn with_resp3(url: &str) -> String {
+    if url.contains('?') {
+        format!("{url}&protocol=resp3")
+    } else if url
+        .split_once("://")
+        .is_some_and(|(_, rest)| rest.contains('/'))
+    {
+        format!("{url}?protocol=resp3")
+    } else {
+        format!("{url}/?protocol=resp3")
+    }
 }
 
 fn main() {
@@ -751,6 +768,12 @@ async fn parent(args: Args) {
     hub.set_token_lifetime(Duration::from_secs(args.lifetime_secs));
     let period = args.lifetime_secs as f64 * REFRESH_AT;
     let published = watch_publications(&redis).await;
+    // What the members are given; the parent's own connections stay as they are.
+    let member_url = if args.resp3 {
+        with_resp3(&redis)
+    } else {
+        redis.clone()
+    };
 
     let mut results = Vec::new();
     if !args.skip_fleet {
@@ -760,7 +783,13 @@ async fn parent(args: Args) {
                 (m.trim().parse().unwrap(), p.trim().parse().unwrap());
             eprintln!("fleet_bench: {members} members in {processes} processes");
             let r = run_size(
-                &args, &redis, &mut conn, &hub, &published, members, processes,
+                &args,
+                &member_url,
+                &mut conn,
+                &hub,
+                &published,
+                members,
+                processes,
             )
             .await;
             eprintln!(
@@ -774,14 +803,16 @@ async fn parent(args: Args) {
         Vec::new()
     } else {
         eprintln!("fleet_bench: request path, fleet on vs off");
-        request_path(&args, &redis, &hub).await
+        request_path(&args, &member_url, &hub).await
     };
     drop(own);
 
     if !results.is_empty() {
         println!(
-            "\nFleet: {}-s tokens on a revoking stand-in, nominal refresh period {period:.1} s, {} periods per size\n",
-            args.lifetime_secs, args.periods
+            "\nFleet: {}-s tokens on a revoking stand-in, nominal refresh period {period:.1} s, {} periods per size, members on {}\n",
+            args.lifetime_secs,
+            args.periods,
+            if args.resp3 { "RESP3" } else { "RESP2 (the default)" }
         );
         println!("| members | processes | fetches per period | Redis commands/s | adoption p50 | p99 | max | samples (missed) | publications, mean interval | start-up: fetches, time |");
         println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
