@@ -14,7 +14,8 @@
 //! (refresh at 80 %: every ~4.8 s for 6 s tokens). For each `members:processes` of `--sizes`
 //! it spawns that many child processes of itself (`--role members --count K`), each hosting
 //! K full tokengate instances in-process (own listeners, own Redis connections, `[fleet]`
-//! on; their starts spread over `--start-spread-ms`), and measures over `--periods` refresh periods, starting at a publication:
+//! on; their starts spread over `--start-spread-ms`), and measures over `--periods` refresh
+//! periods, starting at a publication:
 //!
 //! - **token fetches per refresh period**: the stand-in's token request count over the
 //!   window (`periods` × nominal period + half a period), divided by `periods`. Target: 1.
@@ -24,7 +25,11 @@
 //!   itself; on each message it polls (every 1 ms, only the members still behind) until each
 //!   member it hosts holds the announced generation, and prints the times. The parent takes
 //!   p50/p99 over every member and every publication inside the window. Target: p99 < 100 ms
-//!   at 1,000 members.
+//!   at 1,000 members. Per publication, stderr also shows how many connections were
+//!   subscribed to the channel just after it (`PUBSUB NUMSUB`: members + children + 1).
+//!
+//! `--resp3` gives the members `?protocol=resp3` on their `redis_url` (see `bench/FLEET.md`
+//! for why that matters to the notification listener).
 //!
 //! Then the request path, fleet on vs off: two child processes with one instance each (one
 //! with `[fleet]`, one without, both on the same stand-in, which stops revoking for this part
