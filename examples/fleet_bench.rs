@@ -197,10 +197,7 @@ async fn start_instance(args: &Args) -> (Running, SocketAddr) {
 }
 
 fn held_generation(running: &Running) -> u64 {
-    running.state().gates[0]
-        .token
-        .held()
-        .map_or(0, |t| t.generation)
+    running.held_token("oms").map_or(0, |t| t.generation)
 }
 
 /// Prints `ready` when every instance holds a token, `addr <listen>` per instance, then
