@@ -491,6 +491,7 @@ impl Attempt<'_> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<(Issued, Duration), FetchError>>,
     {
+        let started = tokio::time::Instant::now();
         let (issued, lifetime) = match fetch().await {
             Ok(ok) => ok,
             Err(e) => {
@@ -498,49 +499,53 @@ impl Attempt<'_> {
                 return Outcome::Failed(e);
             }
         };
-        // Never below what this member held: a store that lost its newest entry must not make
-        // a 401 for the held generation look like one for an older token.
-        let generation = expect.max(held.map_or(0, |h| h.generation)) + 1;
-        let Some(entry) = self.entry(issued.access_token.expose(), generation, lifetime, lifetime)
-        else {
-            return Outcome::Fetched {
-                issued,
-                generation,
-                local: false,
+        // A fetch that took longer than a peer waits was stalled (a stopped process, a
+        // starved one): peers took over and the token in hand is likely older than theirs.
+        let stalled = started.elapsed() >= self.wait_for_peer;
+        let held_generation = held.map_or(0, |h| h.generation);
+        let mut expect = expect;
+        let mut tries = 0;
+        let (generation, local) = loop {
+            // Never below what this member held: a store that lost its newest entry must not
+            // make a 401 for the held generation look like one for an older token.
+            let generation = expect.max(held_generation) + 1;
+            let Some(entry) =
+                self.entry(issued.access_token.expose(), generation, lifetime, lifetime)
+            else {
+                break (generation, false);
             };
+            tries += 1;
+            match self
+                .backend
+                .publish(&self.id, expect, entry, &self.holder)
+                .await
+            {
+                Ok(Ok(())) => break (generation, false),
+                Ok(Err(current)) if !stalled && tries < 3 => {
+                    // A peer that took the claim over published while this member fetched;
+                    // this token was issued after that peer's fetch began, so on a server that
+                    // revokes the previous token it is the live one: publish on top.
+                    expect = current;
+                }
+                Ok(Err(_)) => {
+                    // Stalled past the peers' patience: converge on the fleet's token rather
+                    // than overwrite it with an older one; if the server revoked it, the next
+                    // 401 forces one more fetch.
+                    match self.read().await {
+                        Ok(read) if Self::answers(&read, need, held) => return Self::adopt(read),
+                        _ => break (generation, false),
+                    }
+                }
+                Err(e) => {
+                    (self.report)(Event::BackendDown(e.0));
+                    break (generation, true);
+                }
+            }
         };
-        match self
-            .backend
-            .publish(&self.id, expect, entry, &self.holder)
-            .await
-        {
-            Ok(Ok(())) => Outcome::Fetched {
-                issued,
-                generation,
-                local: false,
-            },
-            Ok(Err(_moved)) => {
-                // The fleet moved on while this member fetched (it was stopped past its
-                // claim, or took over from one that came back): converge on the fleet's
-                // token rather than fight over which is newer; if the server revoked it, the
-                // next 401 forces one more fetch.
-                match self.read().await {
-                    Ok(read) if Self::answers(&read, need, held) => Self::adopt(read),
-                    _ => Outcome::Fetched {
-                        issued,
-                        generation,
-                        local: false,
-                    },
-                }
-            }
-            Err(e) => {
-                (self.report)(Event::BackendDown(e.0));
-                Outcome::Fetched {
-                    issued,
-                    generation,
-                    local: true,
-                }
-            }
+        Outcome::Fetched {
+            issued,
+            generation,
+            local,
         }
     }
 

@@ -225,6 +225,59 @@ mod scenarios {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[tokio::test(start_paused = true)]
+    async fn a_member_that_took_over_publishes_on_top_and_a_stalled_one_adopts() {
+        let sim = Sim::new();
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let wait = Duration::from_secs(1);
+        let (a, b) = (member(&sim, 0, wait), member(&sim, 1, wait));
+        // A claims and its token endpoint answers after 1.2 s, longer than B waits: B takes
+        // the claim over and fetches in 0.5 s. A's token (token-0) was issued first, so on a
+        // server that revokes the previous token B's (token-1) is the live one.
+        let slow = endpoint(&fetches, Duration::from_millis(1200));
+        let fast = endpoint(&fetches, Duration::from_millis(500));
+        let a_run = a.acquire(Need::Startup, None, &|_| {}, slow);
+        let b_run = async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            b.acquire(Need::Startup, None, &|_| {}, fast).await
+        };
+        let (a_out, b_out) = tokio::join!(a_run, b_run);
+        assert_eq!(fetches.load(Ordering::SeqCst), 2);
+        // A was stalled past B's patience: it adopted nothing newer yet (B had not published
+        // when A finished) and published generation 1; B, not stalled, published on top.
+        assert!(
+            matches!(a_out, Outcome::Fetched { generation: 1, .. }),
+            "{a_out:?}"
+        );
+        assert!(
+            matches!(b_out, Outcome::Fetched { generation: 2, .. }),
+            "{b_out:?}"
+        );
+        assert_eq!(sim.generation(), 2, "the newest token is the fleet's");
+
+        // A stopped claimer (3 s) whose taker published first: it adopts the fleet's token
+        // instead of overwriting it with its older one.
+        let sim = Sim::new();
+        let (a, b) = (member(&sim, 0, wait), member(&sim, 1, wait));
+        let stopped = endpoint(&fetches, Duration::from_secs(3));
+        let fast = endpoint(&fetches, Duration::from_millis(200));
+        let a_run = a.acquire(Need::Startup, None, &|_| {}, stopped);
+        let b_run = async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            b.acquire(Need::Startup, None, &|_| {}, fast).await
+        };
+        let (a_out, b_out) = tokio::join!(a_run, b_run);
+        assert!(
+            matches!(b_out, Outcome::Fetched { generation: 1, .. }),
+            "{b_out:?}"
+        );
+        assert!(
+            matches!(a_out, Outcome::Adopted { generation: 1, .. }),
+            "{a_out:?}"
+        );
+        assert_eq!(sim.generation(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_thousand_members_fetch_once_per_generation_and_the_floor_is_fleet_wide() {
         let sim = Sim::new();
         let fetches = Arc::new(AtomicUsize::new(0));
