@@ -239,15 +239,24 @@ impl TokenHandle {
         self.attempts.send_modify(|n| *n += 1);
     }
 
-    /// Waits for a valid token when none is held: only while a fetch is in flight, and at most
-    /// `wait`. Otherwise says when the next attempt is due.
+    /// Waits for a valid token when none is held: while a fetch is in flight or one is due
+    /// within `wait`, and at most `wait`. Otherwise says when the next attempt is due.
     pub async fn wait_for_token(&self, wait: Duration) -> Result<Arc<Token>, Unavailable> {
         if let Some(token) = self.current() {
             return Ok(token);
         }
         let mut attempts = self.attempts.subscribe();
         let seen = *attempts.borrow_and_update();
-        if self.lock_status().fetching {
+        // A fetch in flight, or one due within the wait (the token expired while the process
+        // was stopped or starved, and the refresher is about to run): worth waiting for.
+        let soon = {
+            let status = self.lock_status();
+            status.fetching
+                || status
+                    .next_attempt
+                    .is_some_and(|at| at <= Instant::now() + wait)
+        };
+        if soon {
             let _ = tokio::time::timeout(wait, attempts.wait_for(|n| *n != seen)).await;
             if let Some(token) = self.current() {
                 return Ok(token);
@@ -339,6 +348,26 @@ mod tests {
     #[test]
     fn a_token_that_cannot_be_a_header_is_refused() {
         assert!(Token::new("bad\r\nInjected: yes", 1, Duration::from_secs(60)).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waits_for_a_fetch_due_within_its_wait() {
+        let (handle, _rx) = TokenHandle::new();
+        handle.store(Token::new("old", 1, Duration::from_secs(2)).unwrap());
+        tokio::time::advance(Duration::from_secs(3)).await;
+        {
+            let mut status = handle.lock_status();
+            status.fetching = false;
+            status.next_attempt = Some(Instant::now());
+        }
+        let refresher = handle.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            refresher.store(Token::new("new", 2, Duration::from_secs(60)).unwrap());
+            refresher.attempt_finished();
+        });
+        let token = handle.wait_for_token(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(token.generation, 2);
     }
 
     #[tokio::test(start_paused = true)]
