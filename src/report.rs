@@ -58,7 +58,7 @@ fn fleet(config: &Config) {
     };
     println!();
     println!(
-        "fleet: Redis at {} (redis_url from {}), keys under {}:{{<fleet id>}}:",
+        "fleet: Redis at {} (redis_url from {}), reached directly (egress_proxy and HTTPS_PROXY are for the token endpoint and upstream only), keys under {}:{{<fleet id>}}:",
         redis_location(fleet.redis_url.value.expose()),
         fleet.redis_url.source.describe(),
         fleet.key_prefix
