@@ -50,7 +50,8 @@ pub mod proxy;
 pub mod report;
 pub mod shutdown;
 pub mod standin;
-pub mod telemetry;
+pub(crate) mod telemetry;
+pub use telemetry::init_logging;
 pub mod tls;
 pub mod token;
 

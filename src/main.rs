@@ -12,7 +12,7 @@ use tracing::{error, info, warn};
 
 use tokengate::config::Config;
 use tokengate::report::{self, ReportError};
-use tokengate::{shutdown, telemetry, Listeners};
+use tokengate::{init_logging, shutdown, Listeners};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -92,7 +92,7 @@ fn run_command(cli: Cli) -> ExitCode {
     };
     match cli.command {
         Some(Command::Demo) => {
-            telemetry::init_logging(tokengate::config::LogFormat::Text);
+            init_logging(tokengate::config::LogFormat::Text);
             runtime.block_on(async {
                 match tokengate::demo::run(shutdown::terminate_signal()).await {
                     Ok(()) => ExitCode::SUCCESS,
@@ -125,7 +125,7 @@ fn run_command(cli: Cli) -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            telemetry::init_logging(config.server.log_format);
+            init_logging(config.server.log_format);
             runtime.block_on(serve(config, cli.config))
         }
     }
