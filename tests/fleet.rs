@@ -406,7 +406,7 @@ async fn spawn_process(
     let (proxy, admin) = (free_port(), free_port());
     let path = dir.join(format!("tokengate-{n}.toml"));
     let text = format!(
-        "[server]\nadmin_listen = \"127.0.0.1:{admin}\"\nshutdown_grace = \"2s\"\n\n[fleet]\nredis_url = {{ env = \"TG_REDIS\" }}\nwait_for_peer = \"2s\"\n\n[[integration]]\nname = \"oms\"\nlisten = \"127.0.0.1:{proxy}\"\ntoken_url = \"{}\"\nupstream = \"{}\"\nclient_id = \"test-client\"\nclient_secret = {{ env = \"TG_SECRET\" }}\n",
+        "[server]\nadmin_listen = \"127.0.0.1:{admin}\"\nshutdown_grace = \"2s\"\n\n[fleet]\nredis_url = {{ env = \"TG_REDIS\" }}\nwait_for_peer = \"2s\"\n\n[[integration]]\nname = \"oms\"\nlisten = \"127.0.0.1:{proxy}\"\ntoken_url = \"{}\"\nupstream = \"{}\"\nclient_id = \"test-client\"\nclient_secret = {{ env = \"TG_SECRET\" }}\ntoken_timeout = \"3s\"\n",
         hub.token_url(),
         hub.base_url()
     );
@@ -833,4 +833,92 @@ async fn a_redis_that_stops_answering_never_stops_the_calls() {
         support::wait_sample(tg, "tokengate_fleet_redis_up", &[], 1.0).await;
     }
     stop_all(members).await;
+}
+
+#[tokio::test]
+async fn a_claimer_stopped_mid_fetch_past_its_claim_costs_one_extra_fetch_and_the_fleet_converges()
+{
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use tokengate::standin::TokenReply;
+
+    let redis = Redis::start().await;
+    let hub = support::hub().await;
+    hub.set_revoke_on_issue(true);
+    let dir = tempfile::tempdir().unwrap();
+    let mut processes = Vec::new();
+    for n in 0..3 {
+        processes.push(spawn_process(dir.path(), n, &hub, &redis).await);
+    }
+    assert_eq!(hub.token_request_count(), 1);
+    let pid = |p: &Process| p.proc.child.id().unwrap();
+    let url = |p: &Process| format!("http://127.0.0.1:{}/v2/orders", p.proxy);
+
+    // The token dies; the next token request is slow (1.5 s), so its claimer can be caught
+    // mid-fetch, and stopped there past its claim (token_timeout 3 s + 5 s).
+    hub.push_token_reply(TokenReply::Delay(Duration::from_millis(1500)));
+    hub.revoke_all();
+    let first = tokio::spawn(support::client().get(url(&processes[0])).send());
+    let claimer = eventually(
+        "a process claims the fetch",
+        Duration::from_secs(5),
+        || async {
+            let reply = redis.cmd(&["KEYS", "*:claim"]).await?;
+            let key = reply.lines().find(|l| l.ends_with(":claim"))?.to_owned();
+            let holder = redis.cmd(&["GET", &key]).await?;
+            processes
+                .iter()
+                .position(|p| holder.contains(&format!("/{}/", pid(p))))
+        },
+    )
+    .await;
+    let stopped = &processes[claimer];
+    kill(
+        Pid::from_raw(stopped.proc.child.id().unwrap() as i32),
+        Signal::SIGSTOP,
+    )
+    .unwrap();
+    // The others' calls meet the revoked token too: they wait for the floor and the claim,
+    // take the claim over from the stopped process, fetch once, and are replayed.
+    let others: Vec<_> = processes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != claimer)
+        .map(|(_, p)| tokio::spawn(support::client().get(url(p)).send()))
+        .collect();
+    for call in others {
+        assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    }
+    tokio::time::sleep(Duration::from_secs(9)).await; // past the stopped claimer's claim
+    kill(
+        Pid::from_raw(stopped.proc.child.id().unwrap() as i32),
+        Signal::SIGCONT,
+    )
+    .unwrap();
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    // The stopped claimer's fetch and the take-over: one extra fetch, no more.
+    assert_eq!(
+        hub.token_request_count(),
+        3,
+        "1 at start, the stopped claimer's, the take-over"
+    );
+    eventually("the fleet converges", Duration::from_secs(5), || async {
+        let mut gens = Vec::new();
+        for p in &processes {
+            gens.push(process_generation(p).await);
+        }
+        (gens.iter().all(|g| *g == gens[0])).then_some(())
+    })
+    .await;
+    for p in &processes {
+        assert_eq!(
+            support::client().get(url(p)).send().await.unwrap().status(),
+            200
+        );
+    }
+    assert_eq!(
+        hub.token_request_count(),
+        3,
+        "converged without another fetch"
+    );
 }
