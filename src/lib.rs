@@ -9,6 +9,9 @@
 //!                                     │ reads (lock-free)
 //!                                     ▼
 //!                            token::TokenHandle ◀── token::refresher ──▶ token endpoint
+//!                                                          │ fleet mode
+//!                                                          ▼
+//!                                                   token::fleet ──▶ Redis (shared by replicas)
 //!  Prometheus ─http─▶ admin (/metrics /healthz /readyz /status)
 //! ```
 //!
@@ -22,10 +25,13 @@
 //!   client and what its failures mean) and `tunnel` (the CONNECT connector to the egress
 //!   proxy).
 //! - [`token`]: the token cell ([`token::TokenHandle`]), one exchange ([`token::client`]), the
-//!   background refresher ([`token::refresher`]).
-//! - [`admin`]: the admin listener and the state it reads.
+//!   background refresher (`token::refresher`, a driver with one handler per event; its fleet
+//!   part in `refresher/fleet.rs`), when refreshes happen (`token::schedule`: jittered
+//!   schedule, backoff, the fixed 5 s forced floor), revocation thrash (`token::thrash`), and
+//!   fleet mode (`token::fleet`: sealing, the protocol over a backend, the Redis backend).
+//! - `admin`: the admin listener and the state it reads.
 //! - [`error`](mod@error): the errors tokengate answers itself and their status/JSON mapping.
-//! - [`telemetry`]: logging setup and every metric, on a registry owned by [`start`].
+//! - `telemetry`: logging setup and every metric, on a registry owned by [`start`].
 //! - [`tls`]: the one rustls provider and root store both clients use, and what a refused
 //!   certificate means (cause and fix) for the messages of both.
 //! - [`shutdown`]: the stop signal and OS signals.

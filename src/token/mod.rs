@@ -2,8 +2,10 @@
 //! the small cold-path state shared between the proxy and the refresher (status, waiting for a
 //! fetch, forced refresh requests). No I/O happens here.
 //!
-//! Layout: [`client`] performs one client-credentials exchange; [`refresher`] owns the
-//! background task that decides when to call it.
+//! Layout: [`client`] performs one client-credentials exchange; `refresher` owns the
+//! background task that decides when to call it (planning with `schedule`, naming revocation
+//! thrash with `thrash`), and in fleet mode drives `fleet`, through which replicas of one app
+//! share one token on Redis.
 
 pub mod client;
 pub(crate) mod fleet;
