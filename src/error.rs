@@ -158,7 +158,7 @@ impl ProxyError {
 
 /// The rustls error somewhere in `err`'s chain. `io::Error::source` skips the error it wraps
 /// (it returns that error's own source), so wrapped errors are unwrapped by hand.
-pub fn find_tls_error<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a rustls::Error> {
+pub(crate) fn find_tls_error<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a rustls::Error> {
     let mut current: Option<&(dyn StdError + 'static)> = Some(err);
     while let Some(e) = current {
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {

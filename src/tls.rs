@@ -89,7 +89,7 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, Tls
 
 /// Which server a TLS failure is about; it names the setting a fix goes into.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Peer {
+pub(crate) enum Peer {
     Upstream,
     TokenEndpoint,
 }
@@ -110,7 +110,7 @@ const PRIVATE_CA: &str = "the README's \"Private CA\" section has the two openss
 /// a search engine knows). rustls's text alone misleads: a CA certificate served as the
 /// server's own reads `Other(OtherError(CaUsedAsEndEntity))`, and the old advice "add it with
 /// ca_file" sent people back to a ca_file that already held it.
-pub fn explain(err: &rustls::Error, peer: Peer, ca_file: Option<&Path>) -> String {
+pub(crate) fn explain(err: &rustls::Error, peer: Peer, ca_file: Option<&Path>) -> String {
     let plain = match err {
         rustls::Error::InvalidCertificate(cert) => explain_certificate(cert, peer, ca_file),
         rustls::Error::InvalidMessage(_) => format!(
@@ -125,7 +125,11 @@ pub fn explain(err: &rustls::Error, peer: Peer, ca_file: Option<&Path>) -> Strin
 /// The cause and fix of one certificate error, as webpki reports it through rustls: the
 /// `*Context` variants carry the times, names and key purposes that make the message exact;
 /// errors rustls has no variant for arrive as `Other` wrapping a `webpki::Error`.
-pub fn explain_certificate(err: &CertificateError, peer: Peer, ca_file: Option<&Path>) -> String {
+pub(crate) fn explain_certificate(
+    err: &CertificateError,
+    peer: Peer,
+    ca_file: Option<&Path>,
+) -> String {
     let key = peer.key();
     match err {
         CertificateError::ExpiredContext { time, not_after } => format!(

@@ -55,7 +55,7 @@ impl Egress {
 }
 
 /// `http://host:port` of a proxy URL, for messages (the URL's own `Display` adds a `/`).
-pub fn proxy_name(url: &url::Url) -> String {
+pub(crate) fn proxy_name(url: &url::Url) -> String {
     format!(
         "{}://{}:{}",
         url.scheme(),
@@ -114,7 +114,7 @@ impl fmt::Debug for ProxyEnv {
 ///
 /// [`route`]: EgressRule::route
 #[derive(Clone, Debug, PartialEq)]
-pub enum EgressRule {
+pub(crate) enum EgressRule {
     /// Neither `egress_proxy` nor `HTTPS_PROXY`.
     Direct,
     /// `server.egress_proxy`: every destination but plain-http loopback goes through it;
@@ -208,7 +208,7 @@ impl EgressRule {
 /// its subdomains, with or without a leading dot (`bringg.com` and `.bringg.com` both match
 /// `api.bringg.com`, neither matches `notbringg.com`). Names are not resolved to match IP
 /// entries, and an entry's `:port` is not supported (such an entry matches nothing).
-pub fn no_proxy_match<'l>(list: &'l str, host: &str) -> Option<&'l str> {
+pub(crate) fn no_proxy_match<'l>(list: &'l str, host: &str) -> Option<&'l str> {
     let host = host.trim_end_matches('.');
     let host_ip = host.parse::<IpAddr>().ok().map(|ip| ip.to_canonical());
     list.split(',').map(str::trim).find(|entry| {

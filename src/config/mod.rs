@@ -37,8 +37,9 @@ mod raw;
 mod secret;
 mod validate;
 
-pub use egress::{no_proxy_match, proxy_name, Egress, EgressRule, ProxyEnv};
-pub use raw::{parse_size, FLEET_KEYS, INTEGRATION_KEYS, SERVER_KEYS};
+pub(crate) use egress::{proxy_name, EgressRule};
+pub use egress::{Egress, ProxyEnv};
+pub use raw::{FLEET_KEYS, INTEGRATION_KEYS, SERVER_KEYS};
 pub use secret::{ResolvedSecret, Secret, SecretSource};
 
 use diagnose::process_user;
@@ -58,7 +59,8 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
 
 /// Token-request parameters tokengate sets itself, so `extra_params` may not carry them: a
 /// second `client_secret` or `grant_type` would make the request ambiguous to the server.
-pub const RESERVED_PARAMS: &[&str] = &["grant_type", "client_id", "client_secret", "scope", "ttl"];
+pub(crate) const RESERVED_PARAMS: &[&str] =
+    &["grant_type", "client_id", "client_secret", "scope", "ttl"];
 
 // The defaults for keys nobody set. Only `validate` applies them; they stay here, beside the
 // public ones, so every default is in one place.

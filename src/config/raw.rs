@@ -212,7 +212,7 @@ impl<'de> Deserialize<'de> for RawSize {
 
 /// Parses `"1MiB"`, `"512 KiB"`, `"100B"`, `"4096"`. Binary units only: `KB`/`MB` mean 1000
 /// to some people and 1024 to others, and a replay limit should not be a guess.
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
     let trimmed = text.trim();
     let digits = trimmed
         .find(|c: char| !c.is_ascii_digit())

@@ -76,7 +76,7 @@ use tracing::debug;
 use state::{lock, RateWindow, Settings, State, Tokens};
 
 /// The token endpoint's path, as on Delivery Hub's region domains.
-pub const TOKEN_PATH: &str = "/oauth/token";
+pub(crate) const TOKEN_PATH: &str = "/oauth/token";
 
 /// Token endpoint body read limit, and how much of an API request body is kept in
 /// [`ApiRequest::body`].

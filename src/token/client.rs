@@ -16,16 +16,16 @@ use crate::config::{proxy_name, Egress, Secret, TokenAuth, TokenEncoding, TokenS
 use crate::tls::{self, TlsError};
 
 /// Token responses are small JSON objects; anything bigger is not one.
-pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// More than a day is treated as a mistake on the server's side and capped (with a warning),
 /// so a revoked-but-not-reported token cannot linger for months.
 pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// A `Retry-After` longer than a day is a mistake on the server's side too; the cap also keeps
 /// `now + retry_after` from overflowing (`Retry-After: 18446744073709551615` would otherwise
 /// panic the refresher and leave the integration without a token until a restart).
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 
-pub const USER_AGENT: &str = concat!("tokengate/", env!("CARGO_PKG_VERSION"));
+pub(crate) const USER_AGENT: &str = concat!("tokengate/", env!("CARGO_PKG_VERSION"));
 
 /// A successful exchange.
 #[derive(Debug)]

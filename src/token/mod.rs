@@ -117,7 +117,7 @@ impl fmt::Debug for Token {
 /// What the refresher reports for `/status`, `/readyz` and the 503 message. Only the cold path
 /// touches it, so a std mutex is enough: it is never held across an await.
 #[derive(Clone, Debug, Default)]
-pub struct Status {
+pub(crate) struct Status {
     pub fetching: bool,
     pub next_attempt: Option<Instant>,
     pub last_refresh: Option<SystemTime>,
@@ -131,7 +131,7 @@ pub struct Status {
 }
 
 #[derive(Clone, Debug, Default)]
-pub struct FleetStatus {
+pub(crate) struct FleetStatus {
     pub id: String,
     pub redis_up: bool,
     /// The fleet generation of the token held.
@@ -142,7 +142,7 @@ pub struct FleetStatus {
 
 /// Why a forced refresh after a 401 did or did not produce a token to replay with.
 #[derive(Debug)]
-pub enum ForceOutcome {
+pub(crate) enum ForceOutcome {
     /// A different token than the one that was refused; replay with it.
     Replaced(Arc<Token>),
     /// No new token: the fetch failed, the rate limit on forced refreshes applies, or the
@@ -163,7 +163,7 @@ pub(crate) struct ForceRequest {
 
 /// The shared per-integration token state. The proxy reads [`TokenHandle::current`] on every
 /// request (an arc-swap load: no lock); everything else here is for rare events.
-pub struct TokenHandle {
+pub(crate) struct TokenHandle {
     current: ArcSwapOption<Token>,
     status: Mutex<Status>,
     /// Bumped after every completed fetch attempt, successful or not, so waiters wake.
@@ -181,7 +181,7 @@ impl fmt::Debug for TokenHandle {
 
 /// Why a request could not get a token.
 #[derive(Debug)]
-pub struct Unavailable {
+pub(crate) struct Unavailable {
     pub retry_after: Duration,
     pub reason: String,
 }
