@@ -1,7 +1,8 @@
 //! Forwarding (`tokengate::proxy`): header hygiene in both directions, the absolute-form
 //! rule (never an open proxy), CONNECT and `allow_methods` refusals, targets and bodies
-//! passed through intact, redirects passed on, tokengate's own upstream errors and the
-//! request metrics. Each test runs its own stand-in hub and tokengate on `127.0.0.1:0`.
+//! passed through intact, redirects passed on, tokengate's own upstream errors, the
+//! request metrics, and the upstream connections (one per client connection, spares for
+//! clients that reconnect, an upstream closing kept-alive connections). Each test runs its own stand-in hub and tokengate on `127.0.0.1:0`.
 #![allow(clippy::unwrap_used)]
 
 mod support;

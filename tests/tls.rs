@@ -1,6 +1,7 @@
-//! TLS towards the upstream (`tokengate::tls` and the proxy's pooled client): a private CA
-//! through `ca_file`, HTTP/2 by ALPN, verification that cannot be skipped (unknown issuer,
-//! wrong name), and the rule that plain `http://` is only for loopback upstreams. The
+//! TLS towards the upstream (`tokengate::tls` and the proxy's upstream connections): a private
+//! CA through `ca_file`, HTTP/2 by ALPN (one connection shared by every client, a GOAWAY
+//! survived), verification that cannot be skipped (unknown issuer, wrong name), and the rule
+//! that plain `http://` is only for loopback upstreams. The
 //! stand-in hub serves TLS with rcgen certificates made per test.
 #![allow(clippy::unwrap_used)]
 
