@@ -21,8 +21,8 @@
 //! - [`proxy`]: one integration's hyper service, as phases in `proxy/mod.rs` (filter →
 //!   prepare → inject → send → replay on 401 | respond → record); beside it
 //!   [`proxy::hygiene`] (pure header and target rules, fuzzed), `body` (the replay tee and the
-//!   response body), `listener` (accept loop, first-request deadline), `upstream` (the pooled
-//!   client and what its failures mean) and `tunnel` (the CONNECT connector to the egress
+//!   response body), `listener` (accept loop, first-request deadline), `upstream` (the
+//!   upstream connections, held by client-connection affinity, and what their failures mean) and `tunnel` (the CONNECT connector to the egress
 //!   proxy).
 //! - [`token`]: the token cell ([`token::TokenHandle`]), one exchange ([`token::client`]), the
 //!   background refresher (`token::refresher`, a driver with one handler per event; its fleet
@@ -45,7 +45,7 @@
 //! # Request flow
 //! A request on an integration port is checked (method, absolute-form host), stripped of
 //! hop-by-hop headers, given the current token's prebuilt `Authorization` value and sent on
-//! the integration's pooled upstream client, its body streaming through. A 401 asks the
+//! the client connection's own upstream connection, its body streaming through. A 401 asks the
 //! refresher for one forced refresh and replays the request once if its body was kept.
 
 pub(crate) mod admin;

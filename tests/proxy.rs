@@ -1,7 +1,8 @@
 //! Forwarding (`tokengate::proxy`): header hygiene in both directions, the absolute-form
 //! rule (never an open proxy), CONNECT and `allow_methods` refusals, targets and bodies
-//! passed through intact, redirects passed on, tokengate's own upstream errors and the
-//! request metrics. Each test runs its own stand-in hub and tokengate on `127.0.0.1:0`.
+//! passed through intact, redirects passed on, tokengate's own upstream errors, the
+//! request metrics, and the upstream connections (one per client connection, spares for
+//! clients that reconnect, an upstream closing kept-alive connections). Each test runs its own stand-in hub and tokengate on `127.0.0.1:0`.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -686,4 +687,120 @@ async fn a_burst_of_300_connections_before_any_accept_is_queued_and_served() {
     for res in answers.join_all().await {
         assert_eq!(res.status, 200, "{res:?}");
     }
+}
+
+// --- Upstream connections: affinity, spares, an upstream that closes idle connections ---
+
+/// A stand-in hub as token endpoint and upstream, tokengate in front of it, and how many
+/// connections the hub had accepted once tokengate was ready (the token client's), so the
+/// hub's count from then on is the upstream connections' alone.
+async fn counted_upstream() -> (Hub, support::Tg, usize) {
+    let hub = support::hub().await;
+    let tg = start(&hub, "").await;
+    let before = hub.connection_count();
+    (hub, tg, before)
+}
+
+#[tokio::test]
+async fn upstream_connections_never_outnumber_client_connections() {
+    let (upstream, tg, before) = counted_upstream().await;
+    const CLIENTS: usize = 8;
+    let url = tg.url("/v2/orders");
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                // One client, one keep-alive connection, requests one after another.
+                let client = client();
+                for _ in 0..10 {
+                    let res = client.get(&url).send().await.unwrap();
+                    assert_eq!(res.status(), 200);
+                    res.bytes().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert_eq!(upstream.api_request_count(), CLIENTS * 10);
+    let opened = upstream.connection_count() - before;
+    assert!(
+        (1..=CLIENTS).contains(&opened),
+        "{opened} upstream connections for {CLIENTS} client connections"
+    );
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_reconnects_gets_a_spare_upstream_connection() {
+    let (upstream, tg, before) = counted_upstream().await;
+    for round in 1..=3 {
+        // `Connection: close`: tokengate closes the client connection after the answer, and
+        // the upstream connection it held becomes a spare for the next client.
+        let res = raw_response(
+            tg.proxy,
+            b"GET /v2/orders HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(res.status, 200, "round {round}: {res:?}");
+    }
+    assert_eq!(upstream.api_request_count(), 3);
+    assert_eq!(
+        upstream.connection_count() - before,
+        1,
+        "each reconnecting client took the spare"
+    );
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn an_upstream_closing_kept_alive_connections_does_not_fail_the_next_request() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    // An upstream that answers with a keep-alive response and then closes the connection,
+    // as an upstream's idle timeout does: the next request finds its connection closed or
+    // closing, and must go out on a new one (when the closing connection never wrote it,
+    // hyper hands it back).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => head.extend_from_slice(&buf[..k]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    let tokens = support::hub().await;
+    let tg = start_with(&tokens.token_url(), &format!("http://{addr}"), "").await;
+    let client = client();
+    for i in 0..20 {
+        let res = client.get(tg.url("/v2/orders")).send().await.unwrap();
+        assert_eq!(res.status(), 200, "request {i}");
+        assert_eq!(res.text().await.unwrap(), "ok");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 20);
+    let errors = sample(
+        &tg.metrics().await,
+        "tokengate_upstream_errors_total",
+        &[("integration", "oms"), ("kind", "reset")],
+    );
+    assert!(errors.is_none_or(|n| n == 0.0), "{errors:?}");
+    tg.stop().await;
 }

@@ -1,9 +1,10 @@
-//! TLS towards the upstream and the token endpoint (`tokengate::tls`, the proxy's pooled
-//! client, the token client): a private CA through `ca_file`, HTTP/2 by ALPN, verification
-//! that cannot be skipped, a refused certificate explained by its cause and fix (a CA
-//! certificate served as the server's own, expired, wrong name, unknown issuer, no serverAuth)
-//! in `/readyz`, `/status` and the 502, and the rule that plain `http://` is only for
-//! loopback upstreams. The stand-in hub serves TLS with rcgen certificates made per test.
+//! TLS towards the upstream and the token endpoint (`tokengate::tls`, the proxy's upstream
+//! connections, the token client): a private CA through `ca_file`, HTTP/2 by ALPN (one
+//! connection shared by every client, a GOAWAY survived), verification that cannot be skipped,
+//! a refused certificate explained by its cause and fix (a CA certificate served as the
+//! server's own, expired, wrong name, unknown issuer, no serverAuth) in `/readyz`, `/status`
+//! and the 502, and the rule that plain `http://` is only for loopback upstreams. The stand-in
+//! hub serves TLS with rcgen certificates made per test.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -351,4 +352,116 @@ async fn plain_http_upstream_is_refused_unless_loopback() {
             .replace("{listen0}", "127.0.0.1:0");
         Config::from_str_with_env(&ok, Path::new("test.toml"), &ProxyEnv::default()).unwrap();
     }
+}
+
+#[tokio::test]
+async fn an_h2_upstream_is_one_connection_shared_by_all_clients() {
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = ca.write_pem(dir.path());
+    let upstream = tls_hub(&ca, &["localhost"]).await;
+    let tg = start(&upstream, &ca_line(&ca_file)).await;
+    // The token client's connection; the rest are the proxy's.
+    let before = upstream.connection_count();
+
+    // The first request opens the connection; then eight client connections at once.
+    let res = client().get(tg.url("/v2/orders")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let url = tg.url("/v2/orders");
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let client = client();
+                for _ in 0..5 {
+                    let res = client.get(&url).send().await.unwrap();
+                    assert_eq!(res.status(), 200);
+                    let echo: Value = res.json().await.unwrap();
+                    assert_eq!(echo["version"], "HTTP/2.0");
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert_eq!(upstream.api_request_count(), 41);
+    assert_eq!(upstream.connection_count() - before, 1);
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn a_goaway_from_an_h2_upstream_is_survived() {
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    // An h2 upstream that sends GOAWAY (graceful, NO_ERROR) on every connection as soon as
+    // its first request arrives, answers that request, and closes.
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = ca.write_pem(dir.path());
+    let mut config = (*ca.server_config(&["localhost"])).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let tls = acceptor.accept(tcp).await.unwrap();
+                let arrived = Arc::new(tokio::sync::Notify::new());
+                let signal = arrived.clone();
+                let svc = hyper::service::service_fn(move |_req| {
+                    signal.notify_one();
+                    async {
+                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(
+                            b"ok",
+                        ))))
+                    }
+                });
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    () = arrived.notified() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
+                }
+            });
+        }
+    });
+    let tokens = support::hub().await;
+    let tg = start_with(
+        &tokens.token_url(),
+        &format!("https://localhost:{port}"),
+        &ca_line(&ca_file),
+    )
+    .await;
+    let client = client();
+    for i in 0..5 {
+        let res = client.get(tg.url("/v2/orders")).send().await.unwrap();
+        assert_eq!(res.status(), 200, "request {i}");
+        assert_eq!(res.text().await.unwrap(), "ok");
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        5,
+        "one connection per GOAWAY"
+    );
+    for kind in ["reset", "other", "connect"] {
+        assert_eq!(upstream_errors(&tg, kind).await, Some(0.0), "{kind}");
+    }
+    tg.stop().await;
 }

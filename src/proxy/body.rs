@@ -77,7 +77,7 @@ impl<S: Body<Data = Bytes>> Body for ProxyBody<S> {
 
 /// Why the client's request body failed while it streamed upstream (the client went away
 /// mid-body, or sent a malformed chunk), once it has. Shared by the body, the request and its
-/// response: the pooled client then abandons the upstream exchange, and whatever error that
+/// response: the upstream connection then abandons the upstream exchange, and whatever error that
 /// produces (HTTP/1 names the body error, HTTP/2 only a reset stream) is the client's doing,
 /// not the upstream's: a 400, never counted in `tokengate_upstream_errors_total`.
 pub(crate) type ClientBodyFailure = Arc<OnceLock<String>>;
@@ -296,7 +296,7 @@ pub(crate) struct InFlightGuard {
     pub(crate) name: Arc<str>,
     pub(crate) metrics: Arc<IntegrationMetrics>,
     pub(crate) request_id: HeaderValue,
-    /// Set when the client's request body failed: the pooled client then abandons the
+    /// Set when the client's request body failed: the upstream connection then abandons the
     /// upstream exchange, which fails the response body too, through no fault of the
     /// upstream's. None for a request without a body.
     pub(crate) client_body_failed: Option<ClientBodyFailure>,

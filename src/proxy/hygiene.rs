@@ -84,7 +84,28 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
-    if headers.contains_key(header::CONNECTION) {
+    // Fast path: one `Connection: keep-alive` (every HTTP/1.1 upstream response) or `close`.
+    // `keep-alive` names the Keep-Alive header, hop-by-hop itself and removed below.
+    let mut lines = headers.get_all(header::CONNECTION).iter();
+    let single = match (lines.next(), lines.next()) {
+        (Some(only), None) => {
+            let option = only.as_bytes().trim_ascii();
+            if option.eq_ignore_ascii_case(b"keep-alive") {
+                Some(None)
+            } else if option.eq_ignore_ascii_case(b"close") {
+                Some(Some("close"))
+            } else {
+                None
+            }
+        }
+        _ => None,
+    };
+    if let Some(named) = single {
+        headers.remove(header::CONNECTION);
+        if let Some(named) = named {
+            headers.remove(named);
+        }
+    } else if headers.contains_key(header::CONNECTION) {
         // The values are reference-counted, so copying them out is cheap and frees `headers`
         // for removal; removing by `&str` lowercases on the stack instead of allocating a
         // `HeaderName` per listed option. Split the bytes, not a `to_str`: one obs-text byte
@@ -228,6 +249,58 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn a_lone_keep_alive_or_close_takes_the_fast_path_with_the_same_result() {
+        let strip = |pairs: &[(&str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (n, v) in pairs {
+                h.append(
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            strip_hop_by_hop(&mut h);
+            let mut names: Vec<String> = h.keys().map(|n| n.as_str().to_owned()).collect();
+            names.sort();
+            names
+        };
+        let kept = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            strip(&[
+                ("connection", "keep-alive"),
+                ("keep-alive", "timeout=5"),
+                ("x-kept", "1")
+            ]),
+            kept(&["x-kept"])
+        );
+        assert_eq!(
+            strip(&[
+                ("connection", " Keep-Alive "),
+                ("transfer-encoding", "chunked")
+            ]),
+            Vec::<String>::new()
+        );
+        // `close` is an option, and also names a header called close if there is one.
+        assert_eq!(
+            strip(&[("connection", "CLOSE"), ("close", "x"), ("x-kept", "1")]),
+            kept(&["x-kept"])
+        );
+        // Two lines, or an option besides keep-alive: the general path.
+        assert_eq!(
+            strip(&[
+                ("connection", "keep-alive"),
+                ("connection", "x-hop"),
+                ("x-hop", "1"),
+                ("x-kept", "1")
+            ]),
+            kept(&["x-kept"])
+        );
+        assert_eq!(
+            strip(&[("connection", "keep-alive, x-hop"), ("x-hop", "1")]),
+            Vec::<String>::new()
+        );
     }
 
     #[test]

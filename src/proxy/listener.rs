@@ -15,7 +15,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-use super::{Gate, MAX_BUF};
+use super::{Affinity, Gate, MAX_BUF};
 use crate::shutdown::Shutdown;
 
 /// Accepts connections on one integration listener until `shutdown`, then stops accepting and
@@ -61,10 +61,14 @@ pub(crate) async fn serve(
         // must bring its first request within header_read_timeout.
         let first_request = Arc::new(AtomicBool::new(false));
         let seen = first_request.clone();
+        // The connection's upstream connection, kept between its requests; given to the
+        // route's spares when the connection (and with it this service) ends.
+        let affinity = Arc::new(Affinity::default());
         let svc = hyper::service::service_fn(move |req| {
             seen.store(true, Ordering::Relaxed);
             let gate = gate.clone();
-            async move { Ok::<_, Infallible>(gate.handle(req, peer).await) }
+            let affinity = affinity.clone();
+            async move { Ok::<_, Infallible>(gate.handle(req, peer, affinity).await) }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), svc)

@@ -1,5 +1,5 @@
-//! One integration's proxy: the hyper service that carries a request from the legacy client
-//! to the upstream, as named phases that read top to bottom in `Gate::handle`:
+//! One integration's proxy: the hyper service that carries a request from the client to the
+//! upstream, as named phases that read top to bottom in `Gate::handle`:
 //!
 //! 1. **filter**: `CONNECT`, methods outside `allow_methods`, an absolute-form target for a
 //!    host that is not the upstream's (tokengate is never an open proxy: a token only goes
@@ -8,7 +8,9 @@
 //!    kept or made, the body teed so a copy is kept while it fits in `max_replay_body`;
 //! 3. **inject**: the current token's prebuilt `Authorization` header replaces the client's —
 //!    `inject` is the one place a token enters a request;
-//! 4. **send**: one pooled client per integration (`upstream`), bodies streamed both ways;
+//! 4. **send**: on the client connection's own upstream connection (`upstream`: connection
+//!    affinity, a few spares, one shared connection for an h2 upstream), bodies streamed
+//!    both ways;
 //! 5. **replay on 401** (a forced refresh, then the kept copy with the new token) **or
 //!    respond** (hop-by-hop headers out of the upstream's response);
 //! 6. **record**: every metric of the request and its one access line, in one place; only what
@@ -17,7 +19,7 @@
 //!
 //! The rooms beside it: [`hygiene`] (pure header and target rules, fuzzed), `body` (the
 //! replay tee and the response body), `listener` (accept loop, first-request deadline),
-//! `upstream` (the pooled client and what its failures mean), `tunnel` (the CONNECT
+//! `upstream` (the upstream connections and what their failures mean), `tunnel` (the CONNECT
 //! connector to the egress proxy).
 //!
 //! It never talks to the token endpoint; it reads the [`TokenHandle`] and may ask for a
@@ -49,8 +51,8 @@ mod upstream;
 use body::{tee, ClientBodyFailure, InFlight, InFlightGuard, KeptBody, ReqBody, ResBody};
 use hygiene::{check_absolute_form, request_id, strip_hop_by_hop, X_REQUEST_ID};
 pub(crate) use listener::serve;
-pub(crate) use upstream::Route;
 pub use upstream::RouteError;
+pub(crate) use upstream::{Affinity, Route};
 
 /// How often one request is replayed after 401s: once for the refused token, once more when
 /// the replay's own new token was revoked before it arrived. A bound, so an upstream that
@@ -128,6 +130,10 @@ struct Notes {
 struct Arrival {
     started: Instant,
     client: SocketAddr,
+    /// From an HTTP/2 client: its requests may run concurrently.
+    multiplexed: bool,
+    /// The client connection's upstream connection.
+    affinity: Arc<Affinity>,
     method: Method,
     /// `None` when the access log is filtered out: then nothing is copied.
     path: Option<String>,
@@ -158,10 +164,13 @@ impl Gate {
         self: Arc<Self>,
         req: Request<Incoming>,
         client: SocketAddr,
+        affinity: Arc<Affinity>,
     ) -> Response<ResBody> {
         let arrival = Arrival {
             started: Instant::now(),
             client,
+            multiplexed: req.version() >= Version::HTTP_2,
+            affinity,
             in_flight: InFlight::new(&self.metrics.in_flight),
             method: req.method().clone(),
             path: tracing::enabled!(target: "tokengate::access", tracing::Level::INFO)
@@ -201,7 +210,7 @@ impl Gate {
             prepared.headers,
             prepared.body,
         );
-        let res = match send(&route, req, &token).await {
+        let res = match send(&route, req, &token, arrival).await {
             Ok(res) => res,
             Err(e) => {
                 return Err(match notes.client_body_failed.as_ref().and_then(|f| f.get()) {
@@ -218,7 +227,7 @@ impl Gate {
         }
         // Boxed: the replay's state would otherwise be part of every request's future, which
         // hyper moves into place per request.
-        Box::pin(self.replay(&route, res, copy, token, notes)).await
+        Box::pin(self.replay(&route, res, copy, token, arrival, notes)).await
     }
 
     /// The current token, or, when there is none, the first one the refresher gets within
@@ -248,10 +257,11 @@ impl Gate {
     /// arrived (revocations in quick succession), is treated the same way once more.
     async fn replay(
         &self,
-        route: &Route,
+        route: &Arc<Route>,
         mut res: Response<Incoming>,
         copy: ReplayCopy,
         mut token: Arc<Token>,
+        arrival: &Arrival,
         notes: &mut Notes,
     ) -> Result<Response<ResBody>, ProxyError> {
         let early = |t: &Token| t.obtained_at.elapsed() < t.lifetime / 2;
@@ -290,7 +300,7 @@ impl Gate {
                 copy.headers.clone(),
                 ReqBody::Full { data: body.clone() },
             );
-            match send(route, req, &new).await {
+            match send(route, req, &new, arrival).await {
                 Ok(r) if r.status() == StatusCode::UNAUTHORIZED => {
                     if replay == MAX_REPLAYS {
                         notes.replay = Some(Replay::Failure);
@@ -331,6 +341,7 @@ impl Gate {
             path,
             request_id: rid,
             in_flight,
+            ..
         } = arrival;
         let (mut response, error) = match result {
             Ok(res) => {
@@ -491,7 +502,7 @@ fn prepare(
     })
 }
 
-/// The request sent upstream, always HTTP/1.1 semantics; the pooled client picks the wire
+/// The request sent upstream, always HTTP/1.1 semantics; the upstream connection picks the wire
 /// version by ALPN.
 fn outgoing(method: Method, uri: Uri, headers: HeaderMap, body: ReqBody) -> Request<ReqBody> {
     let mut req = Request::new(body);
@@ -509,14 +520,17 @@ fn inject(req: &mut Request<ReqBody>, token: &Token) {
         .insert(header::AUTHORIZATION, token.header().clone());
 }
 
-/// Send: inject, then the pooled client.
+/// Send: inject, then the upstream connection.
 async fn send(
-    route: &Route,
+    route: &Arc<Route>,
     mut req: Request<ReqBody>,
     token: &Token,
+    arrival: &Arrival,
 ) -> Result<Response<Incoming>, ProxyError> {
     inject(&mut req, token);
-    route.send(req).await
+    route
+        .send(req, &arrival.affinity, arrival.multiplexed)
+        .await
 }
 
 /// Respond: the upstream's response, its hop-by-hop headers out, its body streaming back.

@@ -189,6 +189,7 @@ impl Hub {
                 used: 0,
             }),
             shutdown: shutdown_rx,
+            connections: Default::default(),
         });
         debug!(%base_url, tls = tls.is_some(), "stand-in Delivery Hub listening");
         tokio::spawn(accept_loop(listener, Arc::clone(&state), tls));
@@ -243,6 +244,14 @@ impl Hub {
     }
 
     /// Requests to [`TOKEN_PATH`] so far, rejected and scripted ones included.
+    /// TCP connections accepted so far (token endpoint and API alike).
+    pub fn connection_count(&self) -> usize {
+        self.inner
+            .state
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn token_request_count(&self) -> usize {
         *self.inner.state.token_count.borrow()
     }
@@ -369,6 +378,9 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, tls: Option<TlsAc
         };
         match accepted {
             Ok((tcp, peer)) => {
+                state
+                    .connections
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tokio::spawn(serve_connection(tcp, peer, Arc::clone(&state), tls.clone()));
             }
             Err(error) => {

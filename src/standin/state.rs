@@ -74,6 +74,8 @@ pub(super) struct State {
     pub(super) api_count: watch::Sender<usize>,
     pub(super) rate: Mutex<RateWindow>,
     pub(super) shutdown: watch::Receiver<bool>,
+    /// TCP connections accepted, for tests of how many connections a client opens.
+    pub(super) connections: std::sync::atomic::AtomicUsize,
 }
 
 // Std mutexes throughout: every critical section is a few map or deque operations and
