@@ -84,28 +84,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
-    // Fast path: one `Connection: keep-alive` (every HTTP/1.1 upstream response) or `close`.
-    // `keep-alive` names the Keep-Alive header, hop-by-hop itself and removed below.
-    let mut lines = headers.get_all(header::CONNECTION).iter();
-    let single = match (lines.next(), lines.next()) {
-        (Some(only), None) => {
-            let option = only.as_bytes().trim_ascii();
-            if option.eq_ignore_ascii_case(b"keep-alive") {
-                Some(None)
-            } else if option.eq_ignore_ascii_case(b"close") {
-                Some(Some("close"))
-            } else {
-                None
-            }
-        }
-        _ => None,
-    };
-    if let Some(named) = single {
-        headers.remove(header::CONNECTION);
-        if let Some(named) = named {
-            headers.remove(named);
-        }
-    } else if headers.contains_key(header::CONNECTION) {
+    if headers.contains_key(header::CONNECTION) {
         // The values are reference-counted, so copying them out is cheap and frees `headers`
         // for removal; removing by `&str` lowercases on the stack instead of allocating a
         // `HeaderName` per listed option. Split the bytes, not a `to_str`: one obs-text byte
@@ -252,7 +231,7 @@ mod tests {
     }
 
     #[test]
-    fn a_lone_keep_alive_or_close_takes_the_fast_path_with_the_same_result() {
+    fn a_lone_keep_alive_or_close_line_removes_what_it_names() {
         let strip = |pairs: &[(&str, &str)]| {
             let mut h = HeaderMap::new();
             for (n, v) in pairs {
@@ -287,7 +266,7 @@ mod tests {
             strip(&[("connection", "CLOSE"), ("close", "x"), ("x-kept", "1")]),
             kept(&["x-kept"])
         );
-        // Two lines, or an option besides keep-alive: the general path.
+        // Two lines, or an option besides keep-alive: every named header goes too.
         assert_eq!(
             strip(&[
                 ("connection", "keep-alive"),
