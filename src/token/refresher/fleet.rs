@@ -114,18 +114,18 @@ impl Driver {
         }
     }
 
-    /// The attempt as a round of the fleet protocol; `None` when not a fleet member.
+    /// The attempt as a round of the fleet protocol.
     pub(super) fn fleet_attempt<F, Fut>(
         &self,
+        fleet: &Fleet,
         trigger: Trigger,
         syncing: bool,
         fetch: F,
-    ) -> Option<Fetch>
+    ) -> Fetch
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<(Issued, Duration), FetchError>> + Send + 'static,
     {
-        let fleet = self.fleet.as_ref()?;
         let now = Instant::now();
         let held = self.handle.held().filter(|t| t.is_valid_at(now));
         let need = match trigger {
@@ -163,9 +163,7 @@ impl Driver {
             }
             protocol::Event::BackendDown(_) | protocol::Event::BackendUp => {}
         };
-        Some(Box::pin(async move {
-            Attempted::Fleet(member.acquire(need, held, &report, fetch).await)
-        }))
+        Box::pin(async move { Attempted::Fleet(member.acquire(need, held, &report, fetch).await) })
     }
 
     /// Takes a peer's token; `false` when it cannot be a header (never installed).

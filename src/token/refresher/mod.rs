@@ -346,8 +346,8 @@ impl Driver {
                 (issued, lifetime)
             })
         };
-        let attempt = match self.fleet_attempt(trigger, syncing, fetch.clone()) {
-            Some(attempt) => attempt,
+        let attempt: Fetch = match &self.fleet {
+            Some(fleet) => self.fleet_attempt(fleet, trigger, syncing, fetch),
             None => {
                 Box::pin(async move { Attempted::Plain(fetch().await.map(|(issued, _)| issued)) })
             }
