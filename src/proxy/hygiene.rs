@@ -23,6 +23,30 @@ pub fn upstream_uri(
     scheme: &Scheme,
     authority: &Authority,
 ) -> Result<Uri, ProxyError> {
+    let path = upstream_path(target, check_host, upstream)?;
+    Uri::builder()
+        .scheme(scheme.clone())
+        .authority(authority.clone())
+        .path_and_query(path)
+        .build()
+        .map_err(cannot_build)
+}
+
+fn cannot_build(e: http::Error) -> ProxyError {
+    ProxyError::new(
+        ErrorCode::BadRequest,
+        format!("cannot build the upstream URL: {e}"),
+    )
+}
+
+/// The path [`upstream_uri`] sends to: the target's path and query after the upstream's base
+/// path. The proxy sends it as the origin-form target of an HTTP/1 request (with the
+/// upstream's `Host`) and adds the upstream's scheme and authority for HTTP/2.
+pub fn upstream_path(
+    target: &Uri,
+    check_host: bool,
+    upstream: &Endpoint,
+) -> Result<PathAndQuery, ProxyError> {
     if check_host {
         check_absolute_form(target, upstream)?;
     }
@@ -38,25 +62,11 @@ pub fn upstream_uri(
             "only origin-form (/path) and absolute-form (http://host/path) targets are forwarded",
         ));
     }
-    let cannot_build = |e: http::Error| {
-        ProxyError::new(
-            ErrorCode::BadRequest,
-            format!("cannot build the upstream URL: {e}"),
-        )
-    };
     let base = &upstream.base_path;
-    let pq = if base.is_empty() {
-        target.clone()
-    } else {
-        PathAndQuery::try_from(format!("{base}{}", target.as_str()))
-            .map_err(|e| cannot_build(e.into()))?
-    };
-    Uri::builder()
-        .scheme(scheme.clone())
-        .authority(authority.clone())
-        .path_and_query(pq)
-        .build()
-        .map_err(cannot_build)
+    if base.is_empty() {
+        return Ok(target.clone());
+    }
+    PathAndQuery::try_from(format!("{base}{}", target.as_str())).map_err(|e| cannot_build(e.into()))
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy credentials, which belong to the hop

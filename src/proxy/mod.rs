@@ -473,13 +473,12 @@ fn prepare(
     rid: HeaderValue,
     client_body_failed: &mut Option<ClientBodyFailure>,
 ) -> Result<Prepared, ProxyError> {
-    // The host rule was the filter's.
-    let uri = route.upstream_uri(req.uri(), false)?;
+    let uri = route.upstream_target(req.uri())?;
     let (parts, body) = req.into_parts();
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
-    // The upstream's authority comes from the URI: hyper-util writes it as Host on HTTP/1.1
-    // and as :authority (with no host header) on HTTP/2.
+    // The upstream's authority replaces the client's Host: the route's prebuilt Host on
+    // HTTP/1.1, :authority (with no host header) on HTTP/2.
     headers.remove(header::HOST);
     headers.insert(X_REQUEST_ID, rid);
     // A body of unknown length (chunked from the client): hyper's client sends a GET or HEAD

@@ -29,7 +29,7 @@ use tower_service::Service as _;
 use tracing::debug;
 
 use super::body::ReqBody;
-use super::hygiene::upstream_uri;
+use super::hygiene::upstream_path;
 use super::tunnel::{Connector, TunnelError};
 use super::MAX_BUF;
 use crate::config::ProxySettings;
@@ -394,7 +394,8 @@ impl Route {
         Ok(Conn::H1(conn))
     }
 
-    /// HTTP/1: origin-form target and the prebuilt `Host` (RFC 9112 §3.2.1, §7.2).
+    /// HTTP/1: origin-form target and the prebuilt `Host` (RFC 9112 §3.2.1, §7.2). Requests
+    /// arrive origin-form; only one handed back by an HTTP/2 connection is absolute.
     fn for_h1(&self, req: &mut Request<ReqBody>) {
         if req.uri().scheme().is_some() {
             let mut parts = Parts::default();
@@ -407,7 +408,7 @@ impl Route {
     }
 
     /// HTTP/2: the upstream's scheme and authority as pseudo-headers, no `Host`
-    /// (RFC 9113 §8.3.1). Only a request handed back by an HTTP/1 connection needs this.
+    /// (RFC 9113 §8.3.1), added to the origin-form target the request arrives with.
     fn for_h2(&self, req: &mut Request<ReqBody>) {
         if req.uri().scheme().is_none() {
             let mut parts = Parts::default();
@@ -421,15 +422,11 @@ impl Route {
         }
     }
 
-    /// The upstream URI for a request target; see [`upstream_uri`].
-    pub(crate) fn upstream_uri(&self, target: &Uri, check_host: bool) -> Result<Uri, ProxyError> {
-        upstream_uri(
-            target,
-            check_host,
-            &self.settings.upstream,
-            &self.scheme,
-            &self.authority,
-        )
+    /// The origin-form target a request is sent with (see [`upstream_path`]); [`Route::send`]
+    /// adds the scheme and authority when the connection is HTTP/2.
+    pub(crate) fn upstream_target(&self, target: &Uri) -> Result<Uri, ProxyError> {
+        // The host rule was the filter's.
+        upstream_path(target, false, &self.settings.upstream).map(Uri::from)
     }
 }
 
