@@ -406,21 +406,15 @@ impl Attempt<'_> {
                 }
                 Claim::HeldBy(holder) => {
                     (self.report)(Event::Claim(ClaimResult::Lost));
-                    if self.wait_for_peer(seen, self.wait_for_peer).await {
-                        let read = self.read().await?;
-                        if Self::answers(&read, need, held) {
-                            return Ok(Step::Done(Self::adopt(read)));
-                        }
-                        seen = read.generation();
-                    } else {
-                        // Notifications can be lost: look before taking over.
-                        let read = self.read().await?;
-                        if Self::answers(&read, need, held) {
-                            return Ok(Step::Done(Self::adopt(read)));
-                        }
-                        seen = read.generation();
-                        take_over = Some(holder);
+                    let announced = self.wait_for_peer(seen, self.wait_for_peer).await;
+                    // Notifications can be lost: look either way before taking over.
+                    let read = self.read().await?;
+                    if Self::answers(&read, need, held) {
+                        return Ok(Step::Done(Self::adopt(read)));
                     }
+                    seen = read.generation();
+                    // No news within wait_for_peer: the holder may be stuck.
+                    take_over = (!announced).then_some(holder);
                 }
             }
         }
