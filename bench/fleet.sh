@@ -39,15 +39,9 @@ die() {
   exit 1
 }
 
-if [[ -z $REDIS_URL ]] && ! command -v redis-server >/dev/null; then
-  say "installing Debian's redis-server"
-  SUDO=()
-  if [[ $(id -u) != 0 ]]; then SUDO=(sudo -n); fi
-  export DEBIAN_FRONTEND=noninteractive
-  timeout 180 "${SUDO[@]}" apt-get update -qq >/dev/null || die "apt-get update failed"
-  timeout 180 "${SUDO[@]}" apt-get install -y -qq --no-install-recommends redis-server >/dev/null ||
-    die "apt-get install redis-server failed"
-  command -v redis-server >/dev/null || die "redis-server is not on PATH after installing it"
+if [[ -z $REDIS_URL ]]; then
+  # The same install as the tests' (Debian's package, never started as a service).
+  bash "$ROOT/.ci/install-redis-server.sh" >&2 || die "cannot install redis-server"
 fi
 
 if [[ ${SKIP_BUILD:-} != 1 ]]; then
