@@ -77,8 +77,8 @@ END {
     nr = 0; for (r in rounds) nr++
     # Fixed target order; only those present are shown.
     nt = 0
-    split("direct nginx tokengate nginx-log tokengate-log tg-compare", tcand, " ")
-    for (i = 1; i <= 6; i++) if (("t" SUBSEP tcand[i]) in seen) targets[++nt] = tcand[i]
+    ntc = split("direct nginx tokengate floor nginx-log tokengate-log tg-compare", tcand, " ")
+    for (i = 1; i <= ntc; i++) if (("t" SUBSEP tcand[i]) in seen) targets[++nt] = tcand[i]
     nu = split(order["up"], ups, " ")
     np = split(order["pl"], pls, " ")
     nc = split(order["c"], cs, " "); sort_num(cs, nc)

@@ -4,6 +4,9 @@
 #   nginx       nginx as a reverse proxy (one worker, upstream keepalive, a static
 #               `proxy_set_header Authorization "Bearer …"`), access log off,
 #   tokengate   tokengate with TOKENGATE_LOG=warn (no access lines),
+#   floor       hyper alone with tokengate's connection strategy (examples/floor.rs), one
+#               process per upstream kind: tokengate vs floor is tokengate's own cost,
+#               floor vs nginx is hyper's,
 #   nginx-log / tokengate-log   the same two with their access logs on (to a file),
 #   tg-compare  (only with COMPARE_BIN=path) a second tokengate binary, for before/after,
 # with each proxy pinned to one CPU and wrk (and the upstream) on the other. It writes
@@ -16,16 +19,18 @@
 #   CONNS="1 16 64 256"   connection counts; CONNS_POST / CONNS_BIG override for those payloads
 #   PAYLOADS="get post big"   small GET, 64 KiB POST, 1 MiB response
 #   UPSTREAMS="plain tls"     plain-HTTP and HTTPS upstream
-#   TARGETS="direct nginx tokengate nginx-log tokengate-log"
+#   TARGETS="direct nginx tokengate floor nginx-log tokengate-log"
 #   LOG_PAYLOADS="get"        payloads for which the *-log targets are measured
 #   QUICK=1           CI mode: DURATION=2, fewer cells, under ~2 minutes
 #   COMPARE_BIN=path  add target tg-compare running that tokengate binary
 #   TOKENGATE_BIN=path  measure this binary instead of target/release/tokengate (no build)
+#   FLOOR_BIN=path    the floor binary instead of target/release/examples/floor (with
+#                     TOKENGATE_BIN or SKIP_BUILD=1 that one must already be built)
 #   SKIP_BUILD=1      do not run cargo build
 #   PROXY_CPU=1 LOAD_CPU=0   CPUs for the proxy under test and for wrk + upstream
 #   UPSTREAM_H2=1     the HTTPS upstream also offers h2 (tokengate then uses HTTP/2 to it;
 #                     nginx cannot proxy over h2, so this is off by default)
-#   BASE_PORT=18400   first of the loopback ports used (BASE_PORT .. BASE_PORT+52)
+#   BASE_PORT=18400   first of the loopback ports used (BASE_PORT .. BASE_PORT+62)
 #   IDLE_SECS=5       idle window for the idle-CPU measurement
 #   OUT=bench/RESULTS.md   the report (QUICK=1 writes bench/RESULTS.quick.md unless set)
 #   KEEP_WORK=1       keep the scratch directory (configs, logs, raw results)
@@ -36,7 +41,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 COMMAND_LINE="$0${*:+ $*}"
 for v in QUICK ROUNDS DURATION WARMUP CONNS CONNS_POST CONNS_BIG PAYLOADS UPSTREAMS TARGETS \
-    LOG_PAYLOADS COMPARE_BIN TOKENGATE_BIN SKIP_BUILD PROXY_CPU LOAD_CPU UPSTREAM_H2 BASE_PORT \
+    LOG_PAYLOADS COMPARE_BIN TOKENGATE_BIN FLOOR_BIN SKIP_BUILD PROXY_CPU LOAD_CPU UPSTREAM_H2 BASE_PORT \
     IDLE_SECS OUT; do
     if [[ -n ${!v:-} ]]; then
         COMMAND_LINE="$v=${!v} $COMMAND_LINE"
@@ -62,7 +67,7 @@ CONNS_POST=${CONNS_POST:-$CONNS}
 CONNS_BIG=${CONNS_BIG:-$CONNS}
 PAYLOADS=${PAYLOADS:-"get post big"}
 UPSTREAMS=${UPSTREAMS:-"plain tls"}
-TARGETS=${TARGETS:-"direct nginx tokengate nginx-log tokengate-log"}
+TARGETS=${TARGETS:-"direct nginx tokengate floor nginx-log tokengate-log"}
 LOG_PAYLOADS=${LOG_PAYLOADS:-get}
 PROXY_CPU=${PROXY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
@@ -114,13 +119,17 @@ else
     TG_BIN=$ROOT/target/release/tokengate
 fi
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
-    log "building tokengate and the stand-in token endpoint (release)"
+    log "building tokengate, the stand-in token endpoint and the floor (release)"
     cargo build --release --locked
-    cargo build --release --locked --example standin
+    cargo build --release --locked --example standin --example floor
 fi
 HUB_BIN=$ROOT/target/release/examples/standin
 [[ -x $TG_BIN ]] || die "no tokengate binary at $TG_BIN"
 [[ -x $HUB_BIN ]] || die "no stand-in at $HUB_BIN (cargo build --release --example standin)"
+if [[ " $TARGETS " == *" floor "* ]]; then
+    FLOOR_BIN=$(realpath "${FLOOR_BIN:-$ROOT/target/release/examples/floor}")
+    [[ -x $FLOOR_BIN ]] || die "no floor at $FLOOR_BIN (cargo build --release --example floor)"
+fi
 if [[ -n $COMPARE_BIN ]]; then
     COMPARE_BIN=$(realpath "$COMPARE_BIN")
     [[ -x $COMPARE_BIN ]] || die "COMPARE_BIN $COMPARE_BIN is not executable"
@@ -183,12 +192,14 @@ P_TGLOG_ADMIN=$((BASE_PORT + 42))
 P_TGCMP_PLAIN=$((BASE_PORT + 50))
 P_TGCMP_TLS=$((BASE_PORT + 51))
 P_TGCMP_ADMIN=$((BASE_PORT + 52))
+P_FLOOR_PLAIN=$((BASE_PORT + 60))
+P_FLOOR_TLS=$((BASE_PORT + 61))
 
 port_open() { { : >"/dev/tcp/127.0.0.1/$1"; } 2>/dev/null; }
 
 for p in $P_UP_HTTP $P_UP_HTTPS $P_NGX_PLAIN $P_NGX_TLS $P_NGXLOG_PLAIN $P_NGXLOG_TLS $P_HUB \
     $P_TG_PLAIN $P_TG_TLS $P_TG_ADMIN $P_TGLOG_PLAIN $P_TGLOG_TLS $P_TGLOG_ADMIN \
-    $P_TGCMP_PLAIN $P_TGCMP_TLS $P_TGCMP_ADMIN; do
+    $P_TGCMP_PLAIN $P_TGCMP_TLS $P_TGCMP_ADMIN $P_FLOOR_PLAIN $P_FLOOR_TLS; do
     if port_open "$p"; then
         die "port 127.0.0.1:$p is in use; set BASE_PORT to another range"
     fi
@@ -527,11 +538,33 @@ start_proxies() {
     if has_target tg-compare; then
         start_tokengate tg-compare "$COMPARE_BIN" "$W/tg-compare.toml" "$P_TGCMP_ADMIN" warn
     fi
+    if has_target floor; then
+        local kind
+        for kind in $UPSTREAMS; do
+            start_floor "$kind"
+        done
+    fi
+}
+
+# One floor per upstream kind (it forwards to one upstream), pinned like the others. It has
+# no readiness endpoint and needs none: it holds no token, so listening is ready.
+start_floor() {
+    local kind=$1 port upstream
+    local -a ca=()
+    case $kind in
+    plain) port=$P_FLOOR_PLAIN upstream=http://127.0.0.1:$P_UP_HTTP ;;
+    tls) port=$P_FLOOR_TLS upstream=https://127.0.0.1:$P_UP_HTTPS ca=(--ca "$W/ca.pem") ;;
+    *) die "unknown upstream kind $kind" ;;
+    esac
+    taskset -c "$PROXY_CPU" "$FLOOR_BIN" --listen "127.0.0.1:$port" --upstream "$upstream" \
+        "${ca[@]}" 2>>"$W/logs/floor-$kind.err" &
+    PIDS[floor-$kind]=$!
+    wait_port "$port" "the floor ($kind upstream)"
 }
 
 stop_proxies() {
     local name
-    for name in nginx tokengate tokengate-log tg-compare; do
+    for name in nginx tokengate tokengate-log tg-compare floor-plain floor-tls; do
         if [[ -n ${PIDS[$name]:-} ]]; then
             stop_pid "${PIDS[$name]}"
             unset "PIDS[$name]"
@@ -539,12 +572,21 @@ stop_proxies() {
     done
 }
 
-# The pids whose CPU and memory count for a target (nginx: master and worker).
+# The pids whose CPU and memory count for a target (nginx: master and worker) when it serves
+# the upstream KIND (the floor has a process per kind); without KIND, every process of it.
 target_pids() {
-    case $1 in
+    local target=$1 kind=${2:-} k
+    case $target in
     direct) ;;
     nginx | nginx-log) echo "${PIDS[nginx]}" "$(pgrep -P "${PIDS[nginx]}" | tr '\n' ' ')" ;;
-    *) echo "${PIDS[$1]}" ;;
+    floor)
+        local -a pids=()
+        for k in ${kind:-$UPSTREAMS}; do
+            pids+=("${PIDS[floor-$k]}")
+        done
+        echo "${pids[*]}"
+        ;;
+    *) echo "${PIDS[$target]}" ;;
     esac
 }
 
@@ -563,6 +605,8 @@ target_url() {
     tokengate-log:tls) port=$P_TGLOG_TLS ;;
     tg-compare:plain) port=$P_TGCMP_PLAIN ;;
     tg-compare:tls) port=$P_TGCMP_TLS ;;
+    floor:plain) port=$P_FLOOR_PLAIN ;;
+    floor:tls) port=$P_FLOOR_TLS ;;
     *) die "unknown target $target:$kind" ;;
     esac
     echo "$scheme://127.0.0.1:$port$path"
@@ -616,7 +660,7 @@ measure() {
     if [[ $payload == post ]]; then
         body=$W/body.json
     fi
-    read -r -a pids <<<"$(target_pids "$target")"
+    read -r -a pids <<<"$(target_pids "$target" "$kind")"
     local -a wrk_cmd=(taskset -c "$LOAD_CPU" wrk -t1 -c"$conns" --timeout 5s --latency -s "$ROOT/bench/wrk.lua")
     local overflows0
     overflows0=$(listen_overflows)
