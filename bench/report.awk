@@ -5,8 +5,11 @@
 # taken within a round first (the targets of one cell run back to back), then the median of
 # those ratios is shown: on a shared, noisy machine that cancels most of the drift.
 #
-# Input columns: round upstream payload conns target requests duration_us p50_us p99_us
-# err_connect err_read err_write err_status err_timeout cpu_ticks rss_kib; -v clk=CLK_TCK.
+# Input: a header line naming the columns, then one line per measurement: round upstream
+# payload conns target requests duration_us p50_us p99_us err_connect err_read err_write
+# err_status err_timeout cpu_ticks rss_kib minflt ctxsw; -v clk=CLK_TCK. Columns are found by
+# their names in the header, so a TSV from before a column was added still reads (that
+# column shows "–").
 
 function sort_num(arr, n,    i, j, x) {
     for (i = 2; i <= n; i++) {
@@ -30,6 +33,12 @@ function maximum(list,    a, n, i, m) {
 }
 function add(arr, key, value) { arr[key] = (key in arr) ? arr[key] " " value : value }
 function fmt(v, f) { return (v == "") ? "–" : sprintf(f, v) }
+# Counts per 1000 requests: whole numbers from 100 up, one decimal below.
+function fmt_k(v) { return (v == "") ? "–" : sprintf((v >= 100) ? "%.0f" : "%.1f", v) }
+# The named column of the current line ("" when the TSV has no such column).
+function col(name) { return (name in colno) ? $(colno[name]) : "" }
+# Per 1000 requests of a count column, or "" without one.
+function per_kreq(name, req,    v) { v = col(name); return (v != "" && req > 0) ? v * 1000 / req : "" }
 function remember(list_name, value) {
     if (!((list_name SUBSEP value) in seen)) {
         seen[list_name SUBSEP value] = 1
@@ -51,24 +60,27 @@ function diff(r, cell, a, b, metric, name,    ka, kb) {
         add(ratios, cell SUBSEP name, val[ka, metric] - val[kb, metric])
 }
 
-NR == 1 { next }
+NR == 1 { for (i = 1; i <= NF; i++) colno[$i] = i; next }
 {
-    r = $1; up = $2; pl = $3; c = $4; t = $5
-    req = $6; dur = $7
+    r = col("round"); up = col("upstream"); pl = col("payload"); c = col("conns"); t = col("target")
+    req = col("requests"); dur = col("duration_us"); p50 = col("p50_us"); p99 = col("p99_us")
     rps = (dur > 0) ? req / (dur / 1e6) : 0
-    errs = $10 + $11 + $12 + $13 + $14
-    cpu = ($15 != "" && req > 0) ? $15 / clk * 1e6 / req : ""
-    rss = ($16 != "") ? $16 / 1024 : ""
+    errs = col("err_connect") + col("err_read") + col("err_write") + col("err_status") + col("err_timeout")
+    cpu = (col("cpu_ticks") != "" && req > 0) ? col("cpu_ticks") / clk * 1e6 / req : ""
+    rss = (col("rss_kib") != "") ? col("rss_kib") / 1024 : ""
+    flt = per_kreq("minflt", req); csw = per_kreq("ctxsw", req)
     cell = up SUBSEP pl SUBSEP c
     key = cell SUBSEP t
-    add(L_rps, key, rps); add(L_p50, key, $8 / 1000); add(L_p99, key, $9 / 1000)
+    add(L_rps, key, rps); add(L_p50, key, p50 / 1000); add(L_p99, key, p99 / 1000)
     if (cpu != "") add(L_cpu, key, cpu)
     if (rss != "") add(L_rss, key, rss)
+    if (flt != "") add(L_flt, key, flt)
+    if (csw != "") add(L_csw, key, csw)
     E[key] += errs
     total_errors += errs
     rk = r SUBSEP cell SUBSEP t
     val_ok[rk] = 1
-    val[rk, "rps"] = rps; val[rk, "p50"] = $8; val[rk, "p99"] = $9; val[rk, "cpu"] = cpu
+    val[rk, "rps"] = rps; val[rk, "p50"] = p50; val[rk, "p99"] = p99; val[rk, "cpu"] = cpu
     rounds[r] = 1
     remember("up", up); remember("pl", pl); remember("c", c); remember("t", t)
     has_cell[cell] = 1
@@ -100,18 +112,19 @@ END {
     }
 
     printf "## Results (median of %d round%s)\n\n", nr, (nr == 1 ? "" : "s")
-    print "req/s and latency as wrk saw them; errors = socket errors + responses >= 400, summed over rounds; CPU = the proxy's utime+stime over the measurement divided by the requests served; peak RSS = VmHWM during the measurement (nginx: master + worker)."
+    print "req/s and latency as wrk saw them; errors = socket errors + responses >= 400, summed over rounds; CPU = the proxy's utime+stime over the measurement divided by the requests served; peak RSS = VmHWM during the measurement (nginx: master + worker); faults = minor page faults (minflt) and ctxsw = context switches (voluntary + involuntary, all threads) of the proxy over the measurement, per 1000 requests served."
     for (u = 1; u <= nu; u++) for (p = 1; p <= np; p++) {
         printf "\n### %s upstream, %s\n\n", (ups[u] == "tls" ? "HTTPS" : "plain-HTTP"), payload_name(pls[p])
-        print "| conns | target | req/s | p50 ms | p99 ms | errors | CPU µs/req | peak RSS MiB |"
-        print "|---:|---|---:|---:|---:|---:|---:|---:|"
+        print "| conns | target | req/s | p50 ms | p99 ms | errors | CPU µs/req | peak RSS MiB | faults/1k req | ctxsw/1k req |"
+        print "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
         for (ci = 1; ci <= nc; ci++) for (ti = 1; ti <= nt; ti++) {
             key = ups[u] SUBSEP pls[p] SUBSEP cs[ci] SUBSEP targets[ti]
             if (!(key in L_rps)) continue
-            printf "| %s | %s | %s | %s | %s | %d | %s | %s |\n", cs[ci], targets[ti],
+            printf "| %s | %s | %s | %s | %s | %d | %s | %s | %s | %s |\n", cs[ci], targets[ti],
                 fmt(median(L_rps[key]), "%.0f"), fmt(median(L_p50[key]), "%.3f"),
                 fmt(median(L_p99[key]), "%.3f"), E[key],
-                fmt(median(L_cpu[key]), "%.1f"), fmt(median(L_rss[key]), "%.1f")
+                fmt(median(L_cpu[key]), "%.1f"), fmt(median(L_rss[key]), "%.1f"),
+                fmt_k(median(L_flt[key])), fmt_k(median(L_csw[key]))
         }
     }
 

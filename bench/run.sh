@@ -250,6 +250,20 @@ cpu_ticks() {
     echo "$total"
 }
 
+# Minor page faults (minflt, field 10 of /proc/PID/stat, proc(5)) summed over the given pids;
+# the thread-group leader's stat counts all its threads, as for the CPU ticks above.
+min_faults() {
+    local total=0 pid line rest
+    local -a f
+    for pid in "$@"; do
+        read -r line <"/proc/$pid/stat"
+        rest=${line##*) }
+        read -r -a f <<<"$rest"
+        total=$((total + f[7]))
+    done
+    echo "$total"
+}
+
 # VmHWM (peak RSS) in KiB summed over pids.
 peak_rss_kib() {
     local total=0 pid key value _unit
@@ -648,13 +662,14 @@ sanity_check() {
 # --- measurement --------------------------------------------------------------------------
 
 RESULTS=$W/results.tsv
-printf 'round\tupstream\tpayload\tconns\ttarget\trequests\tduration_us\tp50_us\tp99_us\terr_connect\terr_read\terr_write\terr_status\terr_timeout\tcpu_ticks\trss_kib\n' >"$RESULTS"
+# New columns go at the end: report.awk finds them by name, and older TSVs still read.
+printf 'round\tupstream\tpayload\tconns\ttarget\trequests\tduration_us\tp50_us\tp99_us\terr_connect\terr_read\terr_write\terr_status\terr_timeout\tcpu_ticks\trss_kib\tminflt\tctxsw\n' >"$RESULTS"
 HWM_RESET=1
 OVERFLOWS=()
 
 # Runs wrk (pinned to LOAD_CPU) against one target and appends a line to RESULTS.
 measure() {
-    local round=$1 kind=$2 payload=$3 conns=$4 target=$5 url body="" out c0 c1 rss=""
+    local round=$1 kind=$2 payload=$3 conns=$4 target=$5 url body="" out c0 c1 f0 s0 rss=""
     local -a pids
     url=$(target_url "$target" "$kind" "$(payload_path "$payload")")
     if [[ $payload == post ]]; then
@@ -676,6 +691,8 @@ measure() {
             log "warning: cannot reset VmHWM (/proc/PID/clear_refs); peak RSS is since each group's start"
         fi
         c0=$(cpu_ticks "${pids[@]}")
+        f0=$(min_faults "${pids[@]}")
+        s0=$(ctx_switches "${pids[@]}")
     fi
     out=$(BENCH_BODY_FILE=$body "${wrk_cmd[@]}" -d"${DURATION}s" "$url")
     printf '== round %s %s %s c=%s %s\n%s\n' "$round" "$kind" "$payload" "$conns" "$target" "$out" \
@@ -686,19 +703,23 @@ measure() {
     read -r requests duration p50 p99 econn eread ewrite estatus etimeout < <(
         sed 's/[a-z0-9_]*=//g; s/^BENCH //' <<<"$line"
     )
-    local ticks=""
+    local ticks="" faults="" switches=""
     if ((${#pids[@]})); then
         c1=$(cpu_ticks "${pids[@]}")
+        faults=$(($(min_faults "${pids[@]}") - f0))
+        switches=$(($(ctx_switches "${pids[@]}") - s0))
         ticks=$((c1 - c0))
         rss=$(peak_rss_kib "${pids[@]}")
     fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$kind" \
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$kind" \
         "$payload" "$conns" "$target" "$requests" "$duration" "$p50" "$p99" "$econn" "$eread" \
-        "$ewrite" "$estatus" "$etimeout" "$ticks" "$rss" >>"$RESULTS"
+        "$ewrite" "$estatus" "$etimeout" "$ticks" "$rss" "$faults" "$switches" >>"$RESULTS"
     local rps=$((requests * 1000000 / (duration > 0 ? duration : 1)))
     local cpu_note=""
     if [[ -n $ticks ]] && ((requests > 0)); then
         cpu_note=" cpu=$((ticks * 1000000 / (CLK_TCK * requests)))us/req rss=$((rss / 1024))MiB"
+        # Minor faults and context switches per 1000 requests, as in the report.
+        cpu_note+=" flt,cs/kreq=$((faults * 1000 / requests)),$((switches * 1000 / requests))"
     fi
     log "r$round $kind $payload c=$conns $target: $rps req/s p50=${p50}us p99=${p99}us errors=$((econn + eread + ewrite + estatus + etimeout))$cpu_note"
     local overflows=$(($(listen_overflows) - ${overflows0:-0}))
