@@ -48,6 +48,12 @@ function remember(list_name, value) {
 function payload_name(p) {
     return (p == "get") ? "small GET (217-byte JSON)" : (p == "post") ? "64 KiB POST" : (p == "big") ? "1 MiB response" : p
 }
+function upstream_name(u) {
+    if (u == "plain") return "plain-HTTP upstream"
+    if (u == "tls") return "HTTPS upstream"
+    if (u == "h2") return "HTTPS upstream speaking h2 (tokengate and floor only; nginx cannot proxy over h2)"
+    return u " upstream"
+}
 # Ratio of two targets' metric in one round, added to the ratio list of the cell.
 function ratio(r, cell, a, b, metric, name,    ka, kb) {
     ka = r SUBSEP cell SUBSEP a; kb = r SUBSEP cell SUBSEP b
@@ -114,7 +120,11 @@ END {
     printf "## Results (median of %d round%s)\n\n", nr, (nr == 1 ? "" : "s")
     print "req/s and latency as wrk saw them; errors = socket errors + responses >= 400, summed over rounds; CPU = the proxy's utime+stime over the measurement divided by the requests served; peak RSS = VmHWM during the measurement (nginx: master + worker); faults = minor page faults (minflt) and ctxsw = context switches (voluntary + involuntary, all threads) of the proxy over the measurement, per 1000 requests served."
     for (u = 1; u <= nu; u++) for (p = 1; p <= np; p++) {
-        printf "\n### %s upstream, %s\n\n", (ups[u] == "tls" ? "HTTPS" : "plain-HTTP"), payload_name(pls[p])
+        shown = 0
+        for (ci = 1; ci <= nc; ci++) if ((ups[u] SUBSEP pls[p] SUBSEP cs[ci]) in has_cell) shown = 1
+        if (!shown) continue
+        printf "\n### %s, %s\n\n", upstream_name(ups[u]), payload_name(pls[p])
+        if (ups[u] == "h2") print "tokengate and the floor speak h2 to the upstream; direct is wrk's HTTP/1.1 over TLS to the same port (wrk speaks no h2).\n"
         print "| conns | target | req/s | p50 ms | p99 ms | errors | CPU µs/req | peak RSS MiB | faults/1k req | ctxsw/1k req |"
         print "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
         for (ci = 1; ci <= nc; ci++) for (ti = 1; ti <= nt; ti++) {

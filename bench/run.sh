@@ -18,7 +18,10 @@
 #   DURATION=10       seconds per measurement (wrk takes whole seconds); WARMUP=1 before each
 #   CONNS="1 16 64 256"   connection counts; CONNS_POST / CONNS_BIG override for those payloads
 #   PAYLOADS="get post big"   small GET, 64 KiB POST, 1 MiB response
-#   UPSTREAMS="plain tls"     plain-HTTP and HTTPS upstream
+#   UPSTREAMS="plain tls h2"  plain-HTTP upstream, HTTPS upstream speaking HTTP/1.1, and
+#                     HTTPS upstream offering h2 (measured with direct, tokengate, floor and
+#                     tg-compare only: nginx cannot proxy over h2)
+#   H2_PAYLOADS="get post"    payloads measured with the h2 upstream
 #   TARGETS="direct nginx tokengate floor nginx-log tokengate-log"
 #   LOG_PAYLOADS="get"        payloads for which the *-log targets are measured
 #   QUICK=1           CI mode: DURATION=2, fewer cells, under ~2 minutes
@@ -28,8 +31,6 @@
 #                     TOKENGATE_BIN or SKIP_BUILD=1 that one must already be built)
 #   SKIP_BUILD=1      do not run cargo build
 #   PROXY_CPU=1 LOAD_CPU=0   CPUs for the proxy under test and for wrk + upstream
-#   UPSTREAM_H2=1     the HTTPS upstream also offers h2 (tokengate then uses HTTP/2 to it;
-#                     nginx cannot proxy over h2, so this is off by default)
 #   BASE_PORT=18400   first of the loopback ports used (BASE_PORT .. BASE_PORT+62)
 #   IDLE_SECS=5       idle window for the idle-CPU measurement
 #   OUT=bench/RESULTS.md   the report (QUICK=1 writes bench/RESULTS.quick.md unless set)
@@ -41,8 +42,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 COMMAND_LINE="$0${*:+ $*}"
 for v in QUICK ROUNDS DURATION WARMUP CONNS CONNS_POST CONNS_BIG PAYLOADS UPSTREAMS TARGETS \
-    LOG_PAYLOADS COMPARE_BIN TOKENGATE_BIN FLOOR_BIN SKIP_BUILD PROXY_CPU LOAD_CPU UPSTREAM_H2 BASE_PORT \
-    IDLE_SECS OUT; do
+    LOG_PAYLOADS H2_PAYLOADS COMPARE_BIN TOKENGATE_BIN FLOOR_BIN SKIP_BUILD PROXY_CPU LOAD_CPU \
+    BASE_PORT IDLE_SECS OUT; do
     if [[ -n ${!v:-} ]]; then
         COMMAND_LINE="$v=${!v} $COMMAND_LINE"
     fi
@@ -66,12 +67,12 @@ CONNS=${CONNS:-"1 16 64 256"}
 CONNS_POST=${CONNS_POST:-$CONNS}
 CONNS_BIG=${CONNS_BIG:-$CONNS}
 PAYLOADS=${PAYLOADS:-"get post big"}
-UPSTREAMS=${UPSTREAMS:-"plain tls"}
+UPSTREAMS=${UPSTREAMS:-"plain tls h2"}
 TARGETS=${TARGETS:-"direct nginx tokengate floor nginx-log tokengate-log"}
 LOG_PAYLOADS=${LOG_PAYLOADS:-get}
+H2_PAYLOADS=${H2_PAYLOADS:-"get post"}
 PROXY_CPU=${PROXY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
-UPSTREAM_H2=${UPSTREAM_H2:-0}
 BASE_PORT=${BASE_PORT:-18400}
 IDLE_SECS=${IDLE_SECS:-5}
 OUT=${OUT:-bench/RESULTS.md}
@@ -85,6 +86,9 @@ die() {
     log "error: $*"
     exit 1
 }
+if [[ ${UPSTREAM_H2:-0} != 0 ]]; then
+    die "UPSTREAM_H2 is gone: the h2 upstream is an upstream kind of its own (UPSTREAMS=\"plain tls h2\")"
+fi
 
 # --- tools --------------------------------------------------------------------------------
 
@@ -178,6 +182,7 @@ trap 'exit 143' TERM
 
 P_UP_HTTP=$((BASE_PORT + 0))
 P_UP_HTTPS=$((BASE_PORT + 1))
+P_UP_H2=$((BASE_PORT + 2))
 P_NGX_PLAIN=$((BASE_PORT + 10))
 P_NGX_TLS=$((BASE_PORT + 11))
 P_NGXLOG_PLAIN=$((BASE_PORT + 12))
@@ -186,20 +191,25 @@ P_HUB=$((BASE_PORT + 20))
 P_TG_PLAIN=$((BASE_PORT + 30))
 P_TG_TLS=$((BASE_PORT + 31))
 P_TG_ADMIN=$((BASE_PORT + 32))
+P_TG_H2=$((BASE_PORT + 33))
 P_TGLOG_PLAIN=$((BASE_PORT + 40))
 P_TGLOG_TLS=$((BASE_PORT + 41))
 P_TGLOG_ADMIN=$((BASE_PORT + 42))
+P_TGLOG_H2=$((BASE_PORT + 43))
 P_TGCMP_PLAIN=$((BASE_PORT + 50))
 P_TGCMP_TLS=$((BASE_PORT + 51))
 P_TGCMP_ADMIN=$((BASE_PORT + 52))
+P_TGCMP_H2=$((BASE_PORT + 53))
 P_FLOOR_PLAIN=$((BASE_PORT + 60))
 P_FLOOR_TLS=$((BASE_PORT + 61))
+P_FLOOR_H2=$((BASE_PORT + 62))
 
 port_open() { { : >"/dev/tcp/127.0.0.1/$1"; } 2>/dev/null; }
 
-for p in $P_UP_HTTP $P_UP_HTTPS $P_NGX_PLAIN $P_NGX_TLS $P_NGXLOG_PLAIN $P_NGXLOG_TLS $P_HUB \
-    $P_TG_PLAIN $P_TG_TLS $P_TG_ADMIN $P_TGLOG_PLAIN $P_TGLOG_TLS $P_TGLOG_ADMIN \
-    $P_TGCMP_PLAIN $P_TGCMP_TLS $P_TGCMP_ADMIN $P_FLOOR_PLAIN $P_FLOOR_TLS; do
+for p in $P_UP_HTTP $P_UP_HTTPS $P_UP_H2 $P_NGX_PLAIN $P_NGX_TLS $P_NGXLOG_PLAIN $P_NGXLOG_TLS \
+    $P_HUB $P_TG_PLAIN $P_TG_TLS $P_TG_ADMIN $P_TG_H2 $P_TGLOG_PLAIN $P_TGLOG_TLS $P_TGLOG_ADMIN \
+    $P_TGLOG_H2 $P_TGCMP_PLAIN $P_TGCMP_TLS $P_TGCMP_ADMIN $P_TGCMP_H2 $P_FLOOR_PLAIN $P_FLOOR_TLS \
+    $P_FLOOR_H2; do
     if port_open "$p"; then
         die "port 127.0.0.1:$p is in use; set BASE_PORT to another range"
     fi
@@ -363,10 +373,24 @@ NGINX_HTTP_COMMON="
     client_max_body_size 2m;
     client_body_buffer_size 128k;
 "
-h2=""
-if [[ $UPSTREAM_H2 == 1 ]]; then
-    h2=" http2"
-fi
+# The upstream's answers, the same on every port.
+UPSTREAM_COMMON="
+        root $W/www;
+        # What the proxy sent, so the script can check the injected header, and the protocol
+        # it spoke (HTTP/1.1 or HTTP/2.0), so it can check that the h2 kind is h2.
+        add_header X-Echo-Authorization \$http_authorization always;
+        add_header X-Upstream-Protocol \$server_protocol always;
+        # Delivery Hub sends these on every answer; tokengate reads RateLimit-Remaining.
+        add_header RateLimit-Limit 300 always;
+        add_header RateLimit-Remaining 299 always;
+        add_header RateLimit-Reset 60 always;
+        location = /small { return 200 '$SMALL_JSON'; }
+        location = /big { default_type application/octet-stream; }"
+printf '{"ok":true}' >"$W/www/upload"
+chmod 644 "$W/www/upload"
+# Three ports: plain HTTP, HTTPS offering HTTP/1.1 only (what both proxies use), and HTTPS
+# offering h2 as well (nginx 1.22's "listen ... ssl http2": ALPN h2 and http/1.1; tokengate
+# and the floor pick h2; wrk, which sends no ALPN, gets HTTP/1.1).
 cat >"$W/upstream.conf" <<EOF
 $NGINX_COMMON
 pid $W/upstream.pid;
@@ -379,18 +403,26 @@ $NGINX_HTTP_COMMON
     ssl_session_cache shared:up:1m;
     server {
         listen 127.0.0.1:$P_UP_HTTP;
-        listen 127.0.0.1:$P_UP_HTTPS ssl$h2;
-        root $W/www;
-        # What the proxy sent, so the script can check the injected header.
-        add_header X-Echo-Authorization \$http_authorization always;
-        # Delivery Hub sends these on every answer; tokengate reads RateLimit-Remaining.
-        add_header RateLimit-Limit 300 always;
-        add_header RateLimit-Remaining 299 always;
-        add_header RateLimit-Reset 60 always;
-        location = /small { return 200 '$SMALL_JSON'; }
+        listen 127.0.0.1:$P_UP_HTTPS ssl;
+$UPSTREAM_COMMON
         # The body is read (and discarded) by nginx; the answer is small.
         location = /upload { return 200 '{"ok":true}'; }
-        location = /big { default_type application/octet-stream; }
+    }
+    server {
+        listen 127.0.0.1:$P_UP_H2 ssl http2;
+$UPSTREAM_COMMON
+        # Over h2 a "return" answers before the body arrives and skips the DATA frames that
+        # follow; nginx's flood check counts skipped bytes against the connection and closes
+        # it (GOAWAY, "http2 flood detected") after ~150 such uploads. So here the body is
+        # read: the mirror module reads it before the content phase (its subrequest to /sink
+        # answers 204 in-process), the static module then refuses POST on www/upload, and
+        # error_page turns that into the same 200 answer.
+        location = /upload {
+            mirror /sink;
+            error_page 405 =200 @uploaded;
+        }
+        location = /sink { internal; return 204; }
+        location @uploaded { return 200 '{"ok":true}'; }
     }
 }
 EOF
@@ -457,7 +489,7 @@ EOF
 }
 
 write_tokengate_conf() {
-    local file=$1 plain=$2 tls=$3 admin=$4
+    local file=$1 plain=$2 tls=$3 admin=$4 h2=$5
     cat >"$file" <<EOF
 [server]
 admin_listen = "127.0.0.1:$admin"
@@ -478,6 +510,11 @@ upstream = "http://127.0.0.1:$P_UP_HTTP"
 name = "tls"
 listen = "127.0.0.1:$tls"
 upstream = "https://127.0.0.1:$P_UP_HTTPS"
+
+[[integration]]
+name = "h2"
+listen = "127.0.0.1:$h2"
+upstream = "https://127.0.0.1:$P_UP_H2"
 EOF
 }
 
@@ -490,6 +527,7 @@ taskset -c "$LOAD_CPU" "$HUB_BIN" --port "$P_HUB" --lifetime-secs 86400 >"$W/hub
 PIDS[hub]=$!
 wait_port "$P_UP_HTTP" "the upstream nginx"
 wait_port "$P_UP_HTTPS" "the upstream nginx (TLS)"
+wait_port "$P_UP_H2" "the upstream nginx (TLS, h2)"
 wait_port "$P_HUB" "the stand-in token endpoint"
 HUB_URL="http://127.0.0.1:$P_HUB"
 printf 'bench-secret\n' >"$W/client_secret"
@@ -500,9 +538,9 @@ NGINX_TOKEN=$(curl -sS --fail -X POST -d grant_type=client_credentials -d client
     sed -n 's/.*"access_token" *: *"\([^"]*\)".*/\1/p')
 [[ -n $NGINX_TOKEN ]] || die "the token endpoint gave no access_token"
 write_nginx_proxy_conf "$NGINX_TOKEN"
-write_tokengate_conf "$W/tg.toml" "$P_TG_PLAIN" "$P_TG_TLS" "$P_TG_ADMIN"
-write_tokengate_conf "$W/tg-log.toml" "$P_TGLOG_PLAIN" "$P_TGLOG_TLS" "$P_TGLOG_ADMIN"
-write_tokengate_conf "$W/tg-compare.toml" "$P_TGCMP_PLAIN" "$P_TGCMP_TLS" "$P_TGCMP_ADMIN"
+write_tokengate_conf "$W/tg.toml" "$P_TG_PLAIN" "$P_TG_TLS" "$P_TG_ADMIN" "$P_TG_H2"
+write_tokengate_conf "$W/tg-log.toml" "$P_TGLOG_PLAIN" "$P_TGLOG_TLS" "$P_TGLOG_ADMIN" "$P_TGLOG_H2"
+write_tokengate_conf "$W/tg-compare.toml" "$P_TGCMP_PLAIN" "$P_TGCMP_TLS" "$P_TGCMP_ADMIN" "$P_TGCMP_H2"
 "$TG_BIN" check --config "$W/tg.toml" >/dev/null || die "tokengate rejects the generated configuration"
 
 has_target() { [[ " $TARGETS " == *" $1 "* ]]; }
@@ -568,6 +606,7 @@ start_floor() {
     case $kind in
     plain) port=$P_FLOOR_PLAIN upstream=http://127.0.0.1:$P_UP_HTTP ;;
     tls) port=$P_FLOOR_TLS upstream=https://127.0.0.1:$P_UP_HTTPS ca=(--ca "$W/ca.pem") ;;
+    h2) port=$P_FLOOR_H2 upstream=https://127.0.0.1:$P_UP_H2 ca=(--ca "$W/ca.pem") ;;
     *) die "unknown upstream kind $kind" ;;
     esac
     taskset -c "$PROXY_CPU" "$FLOOR_BIN" --listen "127.0.0.1:$port" --upstream "$upstream" \
@@ -578,7 +617,7 @@ start_floor() {
 
 stop_proxies() {
     local name
-    for name in nginx tokengate tokengate-log tg-compare floor-plain floor-tls; do
+    for name in nginx tokengate tokengate-log tg-compare floor-plain floor-tls floor-h2; do
         if [[ -n ${PIDS[$name]:-} ]]; then
             stop_pid "${PIDS[$name]}"
             unset "PIDS[$name]"
@@ -609,18 +648,24 @@ target_url() {
     case $target:$kind in
     direct:plain) port=$P_UP_HTTP ;;
     direct:tls) port=$P_UP_HTTPS scheme=https ;;
+    # wrk speaks HTTP/1.1 only: direct to the h2 port is HTTP/1.1 over TLS.
+    direct:h2) port=$P_UP_H2 scheme=https ;;
     nginx:plain) port=$P_NGX_PLAIN ;;
     nginx:tls) port=$P_NGX_TLS ;;
     nginx-log:plain) port=$P_NGXLOG_PLAIN ;;
     nginx-log:tls) port=$P_NGXLOG_TLS ;;
     tokengate:plain) port=$P_TG_PLAIN ;;
     tokengate:tls) port=$P_TG_TLS ;;
+    tokengate:h2) port=$P_TG_H2 ;;
     tokengate-log:plain) port=$P_TGLOG_PLAIN ;;
     tokengate-log:tls) port=$P_TGLOG_TLS ;;
+    tokengate-log:h2) port=$P_TGLOG_H2 ;;
     tg-compare:plain) port=$P_TGCMP_PLAIN ;;
     tg-compare:tls) port=$P_TGCMP_TLS ;;
+    tg-compare:h2) port=$P_TGCMP_H2 ;;
     floor:plain) port=$P_FLOOR_PLAIN ;;
     floor:tls) port=$P_FLOOR_TLS ;;
+    floor:h2) port=$P_FLOOR_H2 ;;
     *) die "unknown target $target:$kind" ;;
     esac
     echo "$scheme://127.0.0.1:$port$path"
@@ -635,14 +680,16 @@ payload_path() {
     esac
 }
 
-# Every target answers every payload, and the proxies inject a Bearer token.
+# Every target answers every payload it is measured with, the proxies inject a Bearer token,
+# and the upstream saw the protocol it should: HTTP/2.0 from the proxies of the h2 kind,
+# HTTP/1.1 everywhere else (curl asks for HTTP/1.1 as wrk does).
 sanity_check() {
-    local kind target payload url headers
+    local kind target payload url headers protocol
     for kind in $UPSTREAMS; do
-        for target in $TARGETS; do
-            for payload in $PAYLOADS; do
+        for payload in $(payloads_for "$kind"); do
+            for target in $(targets_for "$kind" "$payload"); do
                 url=$(target_url "$target" "$kind" "$(payload_path "$payload")")
-                local -a args=(-sS -k -o /dev/null -D - --max-time 10)
+                local -a args=(-sS -k --http1.1 -o /dev/null -D - --max-time 10)
                 if [[ $payload == post ]]; then
                     args+=(--data-binary "@$W/body.json" -H 'Content-Type: application/json')
                 fi
@@ -653,10 +700,17 @@ sanity_check() {
                 if [[ $target != direct && $headers != *$'\n'[Xx]-[Ee]cho-[Aa]uthorization:\ Bearer\ ?* ]]; then
                     die "$target ($kind upstream) did not send a Bearer token upstream"
                 fi
+                protocol=HTTP/1.1
+                if [[ $kind == h2 && $target != direct ]]; then
+                    protocol=HTTP/2.0
+                fi
+                if [[ $'\n'$headers$'\n' != *$'\n'[Xx]-[Uu]pstream-[Pp]rotocol:\ $protocol$'\n'* ]]; then
+                    die "$target ($kind upstream): the upstream did not see $protocol: $(grep -i '^x-upstream-protocol' <<<"$headers" || echo 'no X-Upstream-Protocol')"
+                fi
             done
         done
     done
-    log "sanity check passed: every target answers 200 and the proxies inject Bearer tokens"
+    log "sanity check passed: every target answers 200, the proxies inject Bearer tokens, the h2 upstream is spoken to in h2"
 }
 
 # --- measurement --------------------------------------------------------------------------
@@ -775,10 +829,28 @@ conns_for() {
     esac
 }
 
+# The payloads measured with an upstream kind: all of PAYLOADS, but for h2 only those also
+# in H2_PAYLOADS.
+payloads_for() {
+    local kind=$1 p out=()
+    for p in $PAYLOADS; do
+        if [[ $kind == h2 && " $H2_PAYLOADS " != *" $p "* ]]; then
+            continue
+        fi
+        out+=("$p")
+    done
+    echo "${out[*]}"
+}
+
+# The targets measured in a cell: the *-log ones only for LOG_PAYLOADS, and with the h2
+# upstream only those that can speak h2 to it (nginx cannot proxy over h2) and direct.
 targets_for() {
-    local payload=$1 t out=()
+    local kind=$1 payload=$2 t out=()
     for t in $TARGETS; do
         if [[ $t == *-log && " $LOG_PAYLOADS " != *" $payload "* ]]; then
+            continue
+        fi
+        if [[ $kind == h2 && " direct tokengate floor tg-compare " != *" $t "* ]]; then
             continue
         fi
         out+=("$t")
@@ -798,14 +870,14 @@ measure_idle "after start"
 cell=0
 for ((round = 1; round <= ROUNDS; round++)); do
     for kind in $UPSTREAMS; do
-        for payload in $PAYLOADS; do
+        for payload in $(payloads_for "$kind"); do
             # Fresh proxies for every group, so each peak RSS starts from a new process (and
             # each restart is one more start-to-ready sample).
             if ((cell > 0)); then
                 stop_proxies
                 start_proxies
             fi
-            read -r -a targets <<<"$(targets_for "$payload")"
+            read -r -a targets <<<"$(targets_for "$kind" "$payload")"
             for conns in $(conns_for "$payload"); do
                 n=${#targets[@]}
                 for ((k = 0; k < n; k++)); do
@@ -847,7 +919,7 @@ start_report=$(printf '%s\n' "${START_SAMPLES[@]}" | awk '
     echo "- Machine: $NCPU CPUs, $cpu_model; $(uname -sr); load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "- Software: $tg_version ($TG_BIN), nginx $nginx_version, $wrk_version"
     echo "- Command: \`$COMMAND_LINE\`"
-    echo "- Setup: each proxy pinned to CPU $PROXY_CPU (\`taskset -c $PROXY_CPU\`); wrk (one thread) and the upstream nginx (one worker) on CPU $LOAD_CPU; ${DURATION} s per measurement after ${WARMUP} s of warm-up; $ROUNDS round(s), target order rotated per cell and round; loopback only; HTTPS upstream offers $([[ $UPSTREAM_H2 == 1 ]] && echo "h2 and HTTP/1.1" || echo "HTTP/1.1 only")"
+    echo "- Setup: each proxy pinned to CPU $PROXY_CPU (\`taskset -c $PROXY_CPU\`); wrk (one thread) and the upstream nginx (one worker) on CPU $LOAD_CPU; ${DURATION} s per measurement after ${WARMUP} s of warm-up; $ROUNDS round(s), target order rotated per cell and round; loopback only; the HTTPS upstream offers HTTP/1.1 only on its \`tls\` port and h2 as well on its \`h2\` port"
     echo "- $THREADS_LINE"
     if ((!HWM_RESET)); then
         echo "- Peak RSS could not be reset per measurement: it is the peak since each group's start"
