@@ -925,13 +925,14 @@ start_report=$(printf '%s\n' "${START_SAMPLES[@]}" | awk '
         echo "- Peak RSS could not be reset per measurement: it is the peak since each group's start"
     fi
     echo
-    awk -F'\t' -v clk="$CLK_TCK" -f "$ROOT/bench/report.awk" "$RESULTS"
+    # report.awk prints this line in its Targets section, before the count line that ends it.
     if ((${#OVERFLOWS[@]})); then
-        echo "- Connections dropped by a full listen queue (kernel \`TcpExtListenOverflows\`, warm-up included; clients wait 1 s, 3 s, 7 s for TCP to retry):"
-        printf '  - %s\n' "${OVERFLOWS[@]}"
+        overflow_line="- Connections dropped by a full listen queue (kernel \`TcpExtListenOverflows\`, warm-up included; clients wait 1 s, 3 s, 7 s for TCP to retry):"
+        overflow_line+=$(printf '\n  - %s' "${OVERFLOWS[@]}")
     else
-        echo "- Connections dropped by a full listen queue (kernel \`TcpExtListenOverflows\`, warm-up included): none"
+        overflow_line="- Connections dropped by a full listen queue (kernel \`TcpExtListenOverflows\`, warm-up included): none"
     fi
+    BENCH_OVERFLOWS=$overflow_line awk -F'\t' -v clk="$CLK_TCK" -f "$ROOT/bench/report.awk" "$RESULTS"
     echo
     echo "## Start to ready"
     echo
