@@ -24,7 +24,8 @@
 #   H2_PAYLOADS="get post"    payloads measured with the h2 upstream
 #   TARGETS="direct nginx tokengate floor nginx-log tokengate-log"
 #   LOG_PAYLOADS="get"        payloads for which the *-log targets are measured
-#   QUICK=1           CI mode: DURATION=2, fewer cells, under ~2 minutes
+#   QUICK=1           quick mode: DURATION=2, fewer cells, ~3 minutes with every target and
+#                     upstream kind (a smoke test; .ci/run does not call it)
 #   COMPARE_BIN=path  add target tg-compare running that tokengate binary
 #   TOKENGATE_BIN=path  measure this binary instead of target/release/tokengate (no build)
 #   FLOOR_BIN=path    the floor binary instead of target/release/examples/floor (with
@@ -800,7 +801,11 @@ measure_idle() {
     for target in $TARGETS; do
         [[ $target == direct || $target == nginx-log ]] && continue
         read -r -a pids <<<"$(target_pids "$target")"
-        IDLE_LINES+=("| $target | $when | $IDLE_SECS s | $((($(cpu_ticks "${pids[@]}") - c0[$target]) * 1000 / CLK_TCK)) ms | $(($(ctx_switches "${pids[@]}") - s0[$target])) |")
+        local label=$target
+        if [[ $target == floor ]]; then
+            label="floor (${#pids[@]} processes)"
+        fi
+        IDLE_LINES+=("| $label | $when | $IDLE_SECS s | $((($(cpu_ticks "${pids[@]}") - c0[$target]) * 1000 / CLK_TCK)) ms | $(($(ctx_switches "${pids[@]}") - s0[$target])) |")
     done
 }
 
