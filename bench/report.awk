@@ -252,7 +252,7 @@ END {
         if (cell_errs != "") { nerr++; errlist = errlist sprintf("  - %s %s c=%s: %s\n", ups[u], pls[p], cs[ci], cell_errs) }
     }
     print ""
-    if (nerr == 0) printf "- Errors: none in any of the %d cells (target: 0 in every cell)\n", ncells
+    if (nerr == 0) printf "- Errors: none in any cell (%d cell%s; target: 0 in every cell)\n", ncells, (ncells == 1 ? "" : "s")
     else printf "- Errors (target: 0 in every cell): in %d of %d cells, %d in all:\n%s", nerr, ncells, total_errors, errlist
     # run.sh's line on the kernel's listen-queue drops, which it counts and awk cannot.
     if (ENVIRON["BENCH_OVERFLOWS"] != "") print ENVIRON["BENCH_OVERFLOWS"]
