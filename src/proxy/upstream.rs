@@ -14,7 +14,10 @@
 //! `try_send_request`) is sent again on a new connection, as hyper-util's pool did.
 
 use std::error::Error as StdError;
+use std::future::{poll_fn, Future as _};
+use std::pin::{pin, Pin};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Poll;
 use std::time::Duration;
 
 use http::uri::{Authority, Parts, Scheme};
@@ -24,7 +27,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::Connection as _;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tower_service::Service as _;
 use tracing::debug;
 
@@ -94,21 +97,57 @@ pub(crate) struct Route {
     shared_h2: Mutex<(u64, Option<H2>)>,
 }
 
-/// The HTTP/1 upstream connection a client connection holds between its requests: taken by
-/// a request, put back when the response head arrived, and left to the route's spares when
-/// the client connection ends (the last reference to this value is dropped).
+/// What a client connection keeps for its upstream requests between them: the HTTP/1
+/// upstream connection (taken by a request, put back when the response head arrived, and left
+/// to the route's spares when the client connection ends — the last reference to this value
+/// is dropped), and the `request_timeout` timer.
+///
+/// The timer is one per client connection rather than one per request: a request moves its
+/// deadline later, which for a timer still registered is one atomic update (tokio re-files it
+/// only when the old deadline comes), where a new timer per request cost a timer-wheel insert
+/// and removal under the driver's lock, every request.
 #[derive(Default)]
-pub(crate) struct Affinity(Mutex<Option<(Arc<Route>, H1)>>);
+pub(crate) struct Affinity {
+    conn: Mutex<Option<(Arc<Route>, H1)>>,
+    timer: Mutex<Option<Pin<Box<Sleep>>>>,
+}
 
 impl Affinity {
     fn take(&self) -> Option<(Arc<Route>, H1)> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
+        self.conn
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    /// The connection's timer set to `deadline`, or a new one when another request of this
+    /// connection (an HTTP/2 client's) holds it.
+    fn timer(&self, deadline: Instant) -> Pin<Box<Sleep>> {
+        let held = self
+            .timer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match held {
+            Some(mut timer) => {
+                timer.as_mut().reset(deadline);
+                timer
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        }
+    }
+
+    fn put_timer(&self, timer: Pin<Box<Sleep>>) {
+        let mut held = self.timer.lock().unwrap_or_else(PoisonError::into_inner);
+        if held.is_none() {
+            *held = Some(timer);
+        }
     }
 
     /// Keeps `conn` for this client connection's next request; when it already holds one
     /// (concurrent requests of an HTTP/2 client), `conn` becomes a spare.
     fn put(&self, route: &Arc<Route>, conn: H1) {
-        let mut held = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut held = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
         if held.is_none() {
             *held = Some((route.clone(), conn));
         } else {
@@ -185,7 +224,16 @@ impl Route {
         multiplexed: bool,
     ) -> Result<Response<Incoming>, ProxyError> {
         let timeout = self.settings.request_timeout;
-        match tokio::time::timeout(timeout, self.exchange(req, affinity, multiplexed)).await {
+        let mut timer = affinity.timer(Instant::now() + timeout);
+        let mut exchange = pin!(self.exchange(req, affinity, multiplexed));
+        // The exchange first, as tokio's `timeout` does: a response that is ready wins.
+        let outcome = poll_fn(|cx| match exchange.as_mut().poll(cx) {
+            Poll::Ready(done) => Poll::Ready(Ok(done)),
+            Poll::Pending => timer.as_mut().poll(cx).map(Err),
+        })
+        .await;
+        affinity.put_timer(timer);
+        match outcome {
             Ok(Ok(res)) => Ok(res),
             Ok(Err(e)) => {
                 let kind = classify_upstream(&*e);
@@ -238,7 +286,9 @@ impl Route {
         loop {
             let (conn, reused) = match self.reuse(affinity, multiplexed).await {
                 Some(conn) if resends == 0 => (conn, true),
-                _ => (self.connect().await?, false),
+                // Boxed: connecting (TCP, tunnel, TLS, handshake) is a ~6.5 KB future that
+                // most requests never run; inline, hyper would move it with every request.
+                _ => (Box::pin(self.connect()).await?, false),
             };
             let mut returned = match conn {
                 Conn::H1(mut conn) => {
