@@ -67,7 +67,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -172,7 +171,7 @@ pub struct Running {
     stop_tasks: shutdown::Trigger,
     listeners: Vec<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
-    graceful: Arc<GracefulShutdown>,
+    connections: Arc<proxy::Connections>,
 }
 
 /// One running integration: its proxy state, the address it listens on and the channel that
@@ -204,7 +203,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
     let metrics = Arc::new(Metrics::new()?);
     let (stop_accepting, accept_signal) = shutdown::channel();
     let (stop_tasks, task_signal) = shutdown::channel();
-    let graceful = Arc::new(GracefulShutdown::new());
+    let connections = Arc::new(proxy::Connections::default());
     let admin_addr = listeners
         .admin
         .local_addr()
@@ -279,9 +278,8 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
             listener,
             gate.clone(),
             config.server.header_read_timeout,
-            graceful.clone(),
+            connections.clone(),
             accept_signal.clone(),
-            task_signal.clone(),
         )));
         integrations.push(Serving {
             gate,
@@ -310,7 +308,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Star
         stop_tasks,
         listeners: serving,
         tasks,
-        graceful,
+        connections,
     })
 }
 
@@ -410,15 +408,14 @@ impl Running {
         for l in self.listeners {
             let _ = l.await;
         }
-        let graceful = Arc::try_unwrap(self.graceful).ok();
-        let drained = match graceful {
-            Some(g) => tokio::time::timeout(grace, g.shutdown()).await.is_ok(),
-            None => false,
-        };
+        let drained = tokio::time::timeout(grace, self.connections.drain())
+            .await
+            .is_ok();
         if drained {
             info!("drained: every in-flight request finished");
         } else {
             warn!(grace = %humantime::format_duration(grace), "shutdown_grace expired with requests still in flight; closing them");
+            self.connections.close_all();
         }
         self.stop_tasks.fire();
         for t in self.tasks {

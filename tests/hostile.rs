@@ -1073,6 +1073,144 @@ async fn slow_and_silent_clients_are_disconnected_while_others_are_served() {
     tg.stop().await;
 }
 
+/// Reads one whole response (Content-Length or chunked) from a kept-alive connection.
+async fn read_one_response(s: &mut TcpStream) -> RawResponse {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if let Some(end) = find(&out, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|n| n.trim().parse::<usize>().unwrap());
+            let body = &out[end + 4..];
+            let complete = match length {
+                Some(n) => body.len() >= n,
+                None => find(body, b"0\r\n\r\n").is_some(),
+            };
+            if complete {
+                return RawResponse::parse(&out);
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("a response within 10 s")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed mid-response: {}",
+            String::from_utf8_lossy(&out)
+        );
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test]
+async fn a_kept_alive_connection_gets_header_read_timeout_again_after_each_response() {
+    let hub = support::hub().await;
+    let tg = start_server(&hub, r#"header_read_timeout = "500ms""#, "").await;
+
+    // Idle after a response: closed, as a client that connects and sends nothing is.
+    let mut idle = TcpStream::connect(tg.proxy).await.unwrap();
+    idle.write_all(b"GET /v2/first HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_one_response(&mut idle).await.status, 200);
+    let (bytes, ending) = read_until_end(&mut idle, Duration::from_secs(10)).await;
+    assert_eq!((bytes.len(), ending), (0, Ending::Closed));
+
+    // Slowloris on the second request: its head trickles in past the deadline.
+    let mut slow = TcpStream::connect(tg.proxy).await.unwrap();
+    slow.write_all(b"GET /v2/first HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_one_response(&mut slow).await.status, 200);
+    let head = b"GET /v2/second-slow HTTP/1.1\r\nHost: x\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    for byte in head {
+        if slow.write_all(&[*byte]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (bytes, ending) = read_until_end(&mut slow, Duration::from_secs(10)).await;
+    assert_eq!(ending, Ending::Closed);
+    assert!(
+        matches!(status_of(&bytes), None | Some(408)),
+        "{}",
+        String::from_utf8_lossy(&bytes)
+    );
+    assert!(hub.api_requests().iter().all(|r| r.uri == "/v2/first"));
+
+    // A connection that keeps sending requests, each within the deadline, is never closed,
+    // however long it lives.
+    let mut busy = TcpStream::connect(tg.proxy).await.unwrap();
+    for i in 0..12 {
+        busy.write_all(format!("GET /v2/busy-{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(read_one_response(&mut busy).await.status, 200);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_still_serving(&tg, &hub).await;
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn a_response_body_streaming_longer_than_header_read_timeout_is_not_cut() {
+    let tokens = support::hub().await;
+    let upstream = raw_upstream(|mut s| async move {
+        loop {
+            s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .await
+                .unwrap();
+            for i in 0..30 {
+                let chunk = format!("drip-{i:02};");
+                s.write_all(format!("{:x}\r\n{chunk}\r\n", chunk.len()).as_bytes())
+                    .await
+                    .unwrap();
+                s.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            s.write_all(b"0\r\n\r\n").await.unwrap();
+            // The next request head on this kept-alive upstream connection.
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while find(&head, b"\r\n\r\n").is_none() {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+        }
+    })
+    .await;
+    let toml = support::toml_with(&tokens.token_url(), &format!("http://{upstream}"), "").replacen(
+        "[server]\n",
+        "[server]\nheader_read_timeout = \"500ms\"\n",
+        1,
+    );
+    let tg = start_toml(&toml).await;
+    tg.ready().await;
+    // 1.5 s of body on a connection whose head deadline is 500 ms, twice on one connection.
+    let mut s = TcpStream::connect(tg.proxy).await.unwrap();
+    let want: String = (0..30).map(|i| format!("drip-{i:02};")).collect();
+    for _ in 0..2 {
+        s.write_all(b"GET /v2/drip HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let res = read_one_response(&mut s).await;
+        assert_eq!(res.status, 200);
+        assert_eq!(
+            String::from_utf8_lossy(&res.body).matches("drip-").count(),
+            30
+        );
+        assert!(String::from_utf8_lossy(&res.body).contains(&want[want.len() - 8..]));
+    }
+    assert_eq!(upstream_errors(&tg).await, []);
+    tg.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Faults upstream
 // ---------------------------------------------------------------------------------------

@@ -293,6 +293,8 @@ impl Drop for InFlight {
 /// with the upstream's status and would otherwise be visible only as a truncated body.
 pub(crate) struct InFlightGuard {
     pub(crate) _in_flight: InFlight,
+    /// The request is active on its client connection until the body ends.
+    pub(crate) _active: super::listener::Active,
     pub(crate) name: Arc<str>,
     pub(crate) metrics: Arc<IntegrationMetrics>,
     pub(crate) request_id: HeaderValue,

@@ -70,53 +70,68 @@ pub fn upstream_path(
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy credentials, which belong to the hop
-/// between the client and tokengate.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "te",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authorization",
-    "proxy-authenticate",
+/// between the client and tokengate. `connection` first: [`strip_hop_by_hop`] reads its bit.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
 ];
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(&name.as_str())
+/// The position of `name` in [`HOP_BY_HOP`]. `HeaderName`'s equality compares a standard
+/// name by its tag, so this costs a few integer compares per name, no string compare.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    HOP_BY_HOP.iter().position(|h| h == name)
 }
 
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Nearly every message has none of them, or only `Connection: keep-alive` (an HTTP/1.1
-    // upstream sends it on every response): look at the names the message has rather than
-    // look up each name it might have.
-    if !headers.keys().any(is_hop_by_hop) {
+    // One look at each name the message has (twice per request: request and response), rather
+    // than a lookup of each name it might have. Nearly every message has none of them, or
+    // only `Connection: keep-alive` (an HTTP/1.1 upstream sends it on every response).
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = hop_by_hop_index(name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    if headers.contains_key(header::CONNECTION) {
+    if present & 1 != 0 {
         // The values are reference-counted, so copying them out is cheap and frees `headers`
         // for removal; removing by `&str` lowercases on the stack instead of allocating a
         // `HeaderName` per listed option. Split the bytes, not a `to_str`: one obs-text byte
         // anywhere in the value must not keep the headers it names (RFC 9110 §7.6.1) from
         // being removed (a name itself is ASCII, so a piece that is not UTF-8 names nothing).
-        // The first line is copied on its own: with one `Connection` line (`keep-alive` on
-        // every HTTP/1.1 upstream response) the rest is empty, which allocates nothing.
+        // The first line is copied on its own: with one `Connection` line the rest is empty,
+        // which allocates nothing. An option that is itself a hop-by-hop name (`keep-alive`)
+        // goes with the rest below.
         let mut lines = headers.get_all(header::CONNECTION).iter();
         let first = lines.next().cloned();
         let rest: Vec<HeaderValue> = lines.cloned().collect();
         for value in first.iter().chain(&rest) {
             for name in value.as_bytes().split(|b| *b == b',') {
-                if let Ok(name) = std::str::from_utf8(name.trim_ascii()) {
-                    if !name.is_empty() {
-                        headers.remove(name);
-                    }
+                let Ok(name) = std::str::from_utf8(name.trim_ascii()) else {
+                    continue;
+                };
+                let known = HOP_BY_HOP
+                    .iter()
+                    .any(|h| name.eq_ignore_ascii_case(h.as_str()));
+                if !name.is_empty() && !known {
+                    headers.remove(name);
                 }
             }
         }
     }
-    while let Some(name) = headers.keys().find(|n| is_hop_by_hop(n)).cloned() {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 

@@ -50,9 +50,11 @@ mod upstream;
 
 use body::{tee, ClientBodyFailure, InFlight, InFlightGuard, KeptBody, ReqBody, ResBody};
 use hygiene::{check_absolute_form, request_id, strip_hop_by_hop, X_REQUEST_ID};
-pub(crate) use listener::serve;
+use listener::Active;
+pub(crate) use listener::{serve, Connections};
+use upstream::Affinity;
+pub(crate) use upstream::Route;
 pub use upstream::RouteError;
-pub(crate) use upstream::{Affinity, Route};
 
 /// How often one request is replayed after 401s: once for the refused token, once more when
 /// the replay's own new token was revoked before it arrived. A bound, so an upstream that
@@ -132,8 +134,8 @@ struct Arrival {
     client: SocketAddr,
     /// From an HTTP/2 client: its requests may run concurrently.
     multiplexed: bool,
-    /// The client connection's upstream connection.
-    affinity: Arc<Affinity>,
+    /// This request on its client connection; the client connection's upstream connection.
+    active: Active,
     method: Method,
     /// `None` when the access log is filtered out: then nothing is copied.
     path: Option<String>,
@@ -164,13 +166,13 @@ impl Gate {
         self: Arc<Self>,
         req: Request<Incoming>,
         client: SocketAddr,
-        affinity: Arc<Affinity>,
+        active: Active,
     ) -> Response<ResBody> {
         let arrival = Arrival {
             started: Instant::now(),
             client,
             multiplexed: req.version() >= Version::HTTP_2,
-            affinity,
+            active,
             in_flight: InFlight::new(&self.metrics.in_flight),
             method: req.method().clone(),
             path: tracing::enabled!(target: "tokengate::access", tracing::Level::INFO)
@@ -341,6 +343,7 @@ impl Gate {
             path,
             request_id: rid,
             in_flight,
+            active,
             ..
         } = arrival;
         let (mut response, error) = match result {
@@ -389,6 +392,7 @@ impl Gate {
         let client_body_failed = notes.client_body_failed;
         response.body_mut().guard(|| InFlightGuard {
             _in_flight: in_flight,
+            _active: active,
             name: self.name.clone(),
             metrics: self.metrics.clone(),
             request_id: rid.clone(),
@@ -477,9 +481,8 @@ fn prepare(
     let (parts, body) = req.into_parts();
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
-    // The upstream's authority replaces the client's Host: the route's prebuilt Host on
-    // HTTP/1.1, :authority (with no host header) on HTTP/2.
-    headers.remove(header::HOST);
+    // The client's Host stays until the upstream connection is known: the route's prebuilt
+    // Host replaces it on HTTP/1.1, :authority (with no Host) on HTTP/2 (`upstream`).
     headers.insert(X_REQUEST_ID, rid);
     // A body of unknown length (chunked from the client): hyper's client sends a GET or HEAD
     // with such a body as bodiless, silently dropping the body. Saying chunked explicitly
@@ -519,17 +522,16 @@ fn inject(req: &mut Request<ReqBody>, token: &Token) {
         .insert(header::AUTHORIZATION, token.header().clone());
 }
 
-/// Send: inject, then the upstream connection.
-async fn send(
-    route: &Arc<Route>,
+/// Send: inject, then the upstream connection. Not an `async fn`: that would be one more
+/// future layer for the request (and the response) to be moved through.
+fn send<'a>(
+    route: &'a Arc<Route>,
     mut req: Request<ReqBody>,
     token: &Token,
-    arrival: &Arrival,
-) -> Result<Response<Incoming>, ProxyError> {
+    arrival: &'a Arrival,
+) -> impl std::future::Future<Output = Result<Response<Incoming>, ProxyError>> + 'a {
     inject(&mut req, token);
-    route
-        .send(req, &arrival.affinity, arrival.multiplexed)
-        .await
+    route.send(req, &arrival.active.conn().affinity, arrival.multiplexed)
 }
 
 /// Respond: the upstream's response, its hop-by-hop headers out, its body streaming back.
