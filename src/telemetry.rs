@@ -388,7 +388,7 @@ const CODES: usize = 500;
 
 /// One integration's metric handles.
 pub struct IntegrationMetrics {
-    name: String,
+    pub(crate) name: String,
     /// Requests answered, for `/status` (the labelled counter is for Prometheus).
     pub served: AtomicU64,
     requests: IntCounterVec,

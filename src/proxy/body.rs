@@ -272,19 +272,20 @@ impl Body for UpstreamBody {
     }
 }
 
-/// Counts a request in flight until its response body ends (or is dropped).
-pub(crate) struct InFlight(prometheus::IntGauge);
+/// Counts a request in flight until its response body ends (or is dropped). It holds the
+/// integration's metrics, which the guard below reports through.
+pub(crate) struct InFlight(Arc<IntegrationMetrics>);
 
 impl InFlight {
-    pub(crate) fn new(gauge: &prometheus::IntGauge) -> InFlight {
-        gauge.inc();
-        InFlight(gauge.clone())
+    pub(crate) fn new(metrics: &Arc<IntegrationMetrics>) -> InFlight {
+        metrics.in_flight.inc();
+        InFlight(metrics.clone())
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.dec();
+        self.0.in_flight.dec();
     }
 }
 
@@ -292,11 +293,9 @@ impl Drop for InFlight {
 /// and reports an upstream failure mid-body, which happens after the access line was written
 /// with the upstream's status and would otherwise be visible only as a truncated body.
 pub(crate) struct InFlightGuard {
-    pub(crate) _in_flight: InFlight,
+    pub(crate) in_flight: InFlight,
     /// The request is active on its client connection until the body ends.
     pub(crate) _active: super::listener::Active,
-    pub(crate) name: Arc<str>,
-    pub(crate) metrics: Arc<IntegrationMetrics>,
     pub(crate) request_id: HeaderValue,
     /// Set when the client's request body failed: the upstream connection then abandons the
     /// upstream exchange, which fails the response body too, through no fault of the
@@ -311,13 +310,14 @@ impl InFlightGuard {
             .as_ref()
             .is_some_and(|f| f.get().is_some())
         {
-            debug!(integration = %self.name, request_id = ?self.request_id, "response abandoned because the client's request body failed");
+            debug!(integration = %self.in_flight.0.name, request_id = ?self.request_id, "response abandoned because the client's request body failed");
             return;
         }
+        let metrics = &self.in_flight.0;
         let kind = classify_upstream(e);
-        self.metrics.upstream_error(kind);
+        metrics.upstream_error(kind);
         warn!(
-            integration = %self.name,
+            integration = %metrics.name,
             kind = kind.as_str(),
             error = %chain(e),
             request_id = ?self.request_id,

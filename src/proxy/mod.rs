@@ -143,15 +143,6 @@ struct Arrival {
     in_flight: InFlight,
 }
 
-/// A request ready to go upstream, but for its token.
-struct Prepared {
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: ReqBody,
-    kept: KeptBody,
-}
-
 /// What is kept of a request to replay it after a 401.
 struct ReplayCopy {
     method: Method,
@@ -173,7 +164,7 @@ impl Gate {
             client,
             multiplexed: req.version() >= Version::HTTP_2,
             active,
-            in_flight: InFlight::new(&self.metrics.in_flight),
+            in_flight: InFlight::new(&self.metrics),
             method: req.method().clone(),
             path: tracing::enabled!(target: "tokengate::access", tracing::Level::INFO)
                 .then(|| req.uri().path().to_owned()),
@@ -193,7 +184,7 @@ impl Gate {
     ) -> Result<Response<ResBody>, ProxyError> {
         let route = self.route.load_full();
         filter(&route, &req)?;
-        let prepared = prepare(
+        let (req, kept) = prepare(
             &route,
             req,
             arrival.request_id.clone(),
@@ -201,17 +192,11 @@ impl Gate {
         )?;
         let token = self.token(&route, arrival.started).await?;
         let copy = ReplayCopy {
-            method: prepared.method.clone(),
-            uri: prepared.uri.clone(),
-            headers: prepared.headers.clone(),
-            body: prepared.kept,
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            headers: req.headers().clone(),
+            body: kept,
         };
-        let req = outgoing(
-            prepared.method,
-            prepared.uri,
-            prepared.headers,
-            prepared.body,
-        );
         let res = match send(&route, req, &token, arrival).await {
             Ok(res) => res,
             Err(e) => {
@@ -391,10 +376,8 @@ impl Gate {
         let status = response.status();
         let client_body_failed = notes.client_body_failed;
         response.body_mut().guard(|| InFlightGuard {
-            _in_flight: in_flight,
+            in_flight,
             _active: active,
-            name: self.name.clone(),
-            metrics: self.metrics.clone(),
             request_id: rid.clone(),
             client_body_failed,
         });
@@ -470,17 +453,22 @@ fn filter(route: &Route, req: &Request<Incoming>) -> Result<(), ProxyError> {
 }
 
 /// Prepare: the upstream URI, the headers cleaned, the request id set and the body teed for a
-/// replay. Everything but the token.
+/// replay (the copy it keeps is returned beside the request). Everything but the token. The
+/// client's request is changed in place, its parts never copied.
 fn prepare(
     route: &Route,
     req: Request<Incoming>,
     rid: HeaderValue,
     client_body_failed: &mut Option<ClientBodyFailure>,
-) -> Result<Prepared, ProxyError> {
+) -> Result<(Request<ReqBody>, KeptBody), ProxyError> {
     let uri = route.upstream_target(req.uri())?;
-    let (parts, body) = req.into_parts();
-    let mut headers = parts.headers;
-    strip_hop_by_hop(&mut headers);
+    let (mut parts, body) = req.into_parts();
+    parts.uri = uri;
+    // Always HTTP/1.1 semantics; the upstream connection picks the wire version by ALPN.
+    parts.version = Version::HTTP_11;
+    parts.extensions.clear();
+    let headers = &mut parts.headers;
+    strip_hop_by_hop(headers);
     // The client's Host stays until the upstream connection is known: the route's prebuilt
     // Host replaces it on HTTP/1.1, :authority (with no Host) on HTTP/2 (`upstream`).
     headers.insert(X_REQUEST_ID, rid);
@@ -495,17 +483,10 @@ fn prepare(
         );
     }
     let (body, kept) = tee(body, route.settings.max_replay_body, client_body_failed);
-    Ok(Prepared {
-        method: parts.method,
-        uri,
-        headers,
-        body,
-        kept,
-    })
+    Ok((Request::from_parts(parts, body), kept))
 }
 
-/// The request sent upstream, always HTTP/1.1 semantics; the upstream connection picks the wire
-/// version by ALPN.
+/// A replay's request, built from the kept copy like [`prepare`] built the first.
 fn outgoing(method: Method, uri: Uri, headers: HeaderMap, body: ReqBody) -> Request<ReqBody> {
     let mut req = Request::new(body);
     *req.method_mut() = method;
