@@ -1073,6 +1073,19 @@ async fn slow_and_silent_clients_are_disconnected_while_others_are_served() {
     tg.stop().await;
 }
 
+/// Writes a chunked body of `n` chunks `drip-NN;`, one every 50 ms, and its last chunk.
+async fn drip(s: &mut TcpStream, n: usize) {
+    for i in 0..n {
+        let chunk = format!("drip-{i:02};");
+        s.write_all(format!("{:x}\r\n{chunk}\r\n", chunk.len()).as_bytes())
+            .await
+            .unwrap();
+        s.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.write_all(b"0\r\n\r\n").await.unwrap();
+}
+
 /// Reads one whole response (Content-Length or chunked) from a kept-alive connection.
 async fn read_one_response(s: &mut TcpStream) -> RawResponse {
     let mut out = Vec::new();
@@ -1164,15 +1177,7 @@ async fn a_response_body_streaming_longer_than_header_read_timeout_is_not_cut() 
             s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
                 .await
                 .unwrap();
-            for i in 0..30 {
-                let chunk = format!("drip-{i:02};");
-                s.write_all(format!("{:x}\r\n{chunk}\r\n", chunk.len()).as_bytes())
-                    .await
-                    .unwrap();
-                s.flush().await.unwrap();
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            s.write_all(b"0\r\n\r\n").await.unwrap();
+            drip(&mut s, 30).await;
             // The next request head on this kept-alive upstream connection.
             let mut head = Vec::new();
             let mut buf = [0u8; 4096];
@@ -1334,15 +1339,7 @@ async fn a_slow_drip_response_passes_through_intact() {
         )
         .await
         .unwrap();
-        for i in 0..20 {
-            let chunk = format!("drip-{i:02};");
-            s.write_all(format!("{:x}\r\n{chunk}\r\n", chunk.len()).as_bytes())
-                .await
-                .unwrap();
-            s.flush().await.unwrap();
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        s.write_all(b"0\r\n\r\n").await.unwrap();
+        drip(&mut s, 20).await;
         let _ = s.read(&mut [0u8; 1]).await;
     })
     .await;
