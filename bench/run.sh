@@ -248,32 +248,31 @@ http_status() {
 
 # --- /proc readings -----------------------------------------------------------------------
 
-# utime+stime in clock ticks, summed over the given pids (all threads of each).
-cpu_ticks() {
-    local total=0 pid line rest
+# The fields of /proc/PID/stat named by the indexes in $1 (proc(5) numbering minus 3: the
+# fields after the command name, from 0) summed over the pids that follow; the thread-group
+# leader's line counts all its threads.
+stat_sum() {
+    local total=0 pid line rest i
     local -a f
+    local -a fields
+    read -r -a fields <<<"$1"
+    shift
     for pid in "$@"; do
         read -r line <"/proc/$pid/stat"
         rest=${line##*) }
         read -r -a f <<<"$rest"
-        total=$((total + f[11] + f[12]))
+        for i in "${fields[@]}"; do
+            total=$((total + f[i]))
+        done
     done
     echo "$total"
 }
 
-# Minor page faults (minflt, field 10 of /proc/PID/stat, proc(5)) summed over the given pids;
-# the thread-group leader's stat counts all its threads, as for the CPU ticks above.
-min_faults() {
-    local total=0 pid line rest
-    local -a f
-    for pid in "$@"; do
-        read -r line <"/proc/$pid/stat"
-        rest=${line##*) }
-        read -r -a f <<<"$rest"
-        total=$((total + f[7]))
-    done
-    echo "$total"
-}
+# utime+stime in clock ticks (fields 14 and 15), summed over the given pids.
+cpu_ticks() { stat_sum "11 12" "$@"; }
+
+# Minor page faults (minflt, field 10), summed over the given pids.
+min_faults() { stat_sum 7 "$@"; }
 
 # VmHWM (peak RSS) in KiB summed over pids.
 peak_rss_kib() {
