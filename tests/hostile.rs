@@ -209,6 +209,19 @@ async fn upstream_errors(tg: &support::Tg) -> Vec<(&'static str, f64)> {
         .collect()
 }
 
+/// Reads up to the end of a request head; false when the connection ended first.
+async fn read_head(s: &mut TcpStream) -> bool {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while find(&head, b"\r\n\r\n").is_none() {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    true
+}
+
 /// A tiny raw-TCP "upstream" for faults the stand-in cannot produce: each connection's
 /// request head is read, then `answer` gets the socket.
 async fn raw_upstream<F, Fut>(answer: F) -> SocketAddr
@@ -223,15 +236,9 @@ where
         while let Ok((mut s, _)) = listener.accept().await {
             let answer = answer.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while find(&head, b"\r\n\r\n").is_none() {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
+                if read_head(&mut s).await {
+                    answer(s).await;
                 }
-                answer(s).await;
             });
         }
     });
@@ -1179,13 +1186,8 @@ async fn a_response_body_streaming_longer_than_header_read_timeout_is_not_cut() 
                 .unwrap();
             drip(&mut s, 30).await;
             // The next request head on this kept-alive upstream connection.
-            let mut head = Vec::new();
-            let mut buf = [0u8; 4096];
-            while find(&head, b"\r\n\r\n").is_none() {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
+            if !read_head(&mut s).await {
+                return;
             }
         }
     })
