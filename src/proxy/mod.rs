@@ -503,16 +503,17 @@ fn inject(req: &mut Request<ReqBody>, token: &Token) {
         .insert(header::AUTHORIZATION, token.header().clone());
 }
 
-/// Send: inject, then the upstream connection. Not an `async fn`: that would be one more
-/// future layer for the request (and the response) to be moved through.
-fn send<'a>(
-    route: &'a Arc<Route>,
+/// Send: inject, then the upstream connection.
+async fn send(
+    route: &Arc<Route>,
     mut req: Request<ReqBody>,
     token: &Token,
-    arrival: &'a Arrival,
-) -> impl std::future::Future<Output = Result<Response<Incoming>, ProxyError>> + 'a {
+    arrival: &Arrival,
+) -> Result<Response<Incoming>, ProxyError> {
     inject(&mut req, token);
-    route.send(req, &arrival.active.conn().affinity, arrival.multiplexed)
+    route
+        .send(req, &arrival.active.conn().affinity, arrival.multiplexed)
+        .await
 }
 
 /// Respond: the upstream's response, its hop-by-hop headers out, its body streaming back.
