@@ -136,7 +136,7 @@ wait_file() {  # wait_file FILE PID NAME: until FILE is non-empty, failing early
 }
 
 CLIENT_SECRET=$(head -c 18 /dev/urandom | base64 | tr '+/' '-_')
-"$STANDIN_BIN" --port 0 --client-id clients-e2e --client-secret "$CLIENT_SECRET" \
+"$STANDIN_BIN" --port 0 --client-id clients-e2e --client-secret="$CLIENT_SECRET" \
   >"$WORK/standin.url" 2>"$WORK/standin.log" &
 PIDS+=("$!")
 wait_file "$WORK/standin.url" "${PIDS[-1]}" "stand-in"
