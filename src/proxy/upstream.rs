@@ -16,10 +16,13 @@
 use std::error::Error as StdError;
 use std::future::{poll_fn, Future as _};
 use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
+use crossbeam_utils::atomic::AtomicCell;
 use http::uri::{Authority, Parts, Scheme};
 use http::{header, HeaderValue, Method, Request, Response, Uri};
 use hyper::body::Incoming;
@@ -44,6 +47,9 @@ use crate::tls::{self, Peer, TlsError};
 type BoxError = Box<dyn StdError + Send + Sync>;
 type H1 = http1::SendRequest<ReqBody>;
 type H2 = http2::SendRequest<ReqBody>;
+/// A client connection's HTTP/1 upstream connection and the route it belongs to, boxed so that
+/// taking it for a request and putting it back is one pointer swap ([`Affinity`]).
+type Held = Box<(Arc<Route>, H1)>;
 
 /// How long a spare upstream connection is kept for a client that reconnects.
 const SPARE_IDLE: Duration = Duration::from_secs(90);
@@ -91,10 +97,19 @@ pub(crate) struct Route {
     /// have (its first request, or after its own closed) and when one ends, never for a
     /// request on a connection that keeps its upstream connection.
     spares: Mutex<Vec<(Instant, H1)>>,
-    /// The one HTTP/2 connection every request shares once the upstream negotiated h2, with
-    /// a number that tells it from the next one (senders of one connection are not
-    /// comparable), so a request that saw it fail forgets that one, not its successor.
-    shared_h2: Mutex<(u64, Option<H2>)>,
+    /// The one HTTP/2 connection every request shares once the upstream negotiated h2. Read
+    /// by every request (lock-free; empty for an HTTP/1 upstream), replaced when it fails.
+    shared_h2: ArcSwapOption<SharedH2>,
+    /// Numbers the shared h2 connections.
+    h2_generations: AtomicU64,
+}
+
+/// The shared HTTP/2 connection, with a number that tells it from the next one (senders of
+/// one connection are not comparable), so a request that saw it fail forgets that one, not
+/// its successor.
+struct SharedH2 {
+    generation: u64,
+    conn: H2,
 }
 
 /// What a client connection keeps for its upstream requests between them: the HTTP/1
@@ -106,29 +121,28 @@ pub(crate) struct Route {
 /// deadline later, which for a timer still registered is one atomic update (tokio re-files it
 /// only when the old deadline comes), where a new timer per request cost a timer-wheel insert
 /// and removal under the driver's lock, every request.
+///
+/// Both are taken and put back with an atomic pointer swap, no lock: an HTTP/1 client has one
+/// request at a time, and the concurrent requests of an HTTP/2 client that find the slot empty
+/// use a spare (or a new connection) and a timer of their own.
 #[derive(Default)]
 pub(crate) struct Affinity {
-    conn: Mutex<Option<(Arc<Route>, H1)>>,
-    timer: Mutex<Option<Pin<Box<Sleep>>>>,
+    conn: AtomicCell<Option<Held>>,
+    timer: AtomicCell<Option<Pin<Box<Sleep>>>>,
 }
 
-impl Affinity {
-    fn take(&self) -> Option<(Arc<Route>, H1)> {
-        self.conn
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-    }
+// A stated invariant: a pointer-sized cell is one atomic word (otherwise crossbeam would fall
+// back to a lock).
+const _: () = assert!(
+    AtomicCell::<Option<Held>>::is_lock_free()
+        && AtomicCell::<Option<Pin<Box<Sleep>>>>::is_lock_free()
+);
 
+impl Affinity {
     /// The connection's timer set to `deadline`, or a new one when another request of this
     /// connection (an HTTP/2 client's) holds it.
     fn timer(&self, deadline: Instant) -> Pin<Box<Sleep>> {
-        let held = self
-            .timer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        match held {
+        match self.timer.take() {
             Some(mut timer) => {
                 timer.as_mut().reset(deadline);
                 timer
@@ -137,21 +151,16 @@ impl Affinity {
         }
     }
 
+    /// Keeps `timer` for the next request; one another request put back meanwhile goes.
     fn put_timer(&self, timer: Pin<Box<Sleep>>) {
-        let mut held = self.timer.lock().unwrap_or_else(PoisonError::into_inner);
-        if held.is_none() {
-            *held = Some(timer);
-        }
+        drop(self.timer.swap(Some(timer)));
     }
 
-    /// Keeps `conn` for this client connection's next request; when it already holds one
-    /// (concurrent requests of an HTTP/2 client), `conn` becomes a spare.
-    fn put(&self, route: &Arc<Route>, conn: H1) {
-        let mut held = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        if held.is_none() {
-            *held = Some((route.clone(), conn));
-        } else {
-            drop(held);
+    /// Keeps `held` for this client connection's next request; one another request put back
+    /// meanwhile (concurrent requests of an HTTP/2 client) becomes a spare.
+    fn put(&self, held: Held) {
+        if let Some(other) = self.conn.swap(Some(held)) {
+            let (route, conn) = *other;
             route.spare(conn);
         }
     }
@@ -159,7 +168,8 @@ impl Affinity {
 
 impl Drop for Affinity {
     fn drop(&mut self) {
-        if let Some((route, conn)) = self.take() {
+        if let Some(held) = self.conn.take() {
+            let (route, conn) = *held;
             route.spare(conn);
         }
     }
@@ -167,7 +177,7 @@ impl Drop for Affinity {
 
 /// A connection a request can be sent on.
 enum Conn {
-    H1(H1),
+    H1(Held),
     H2(u64, H2),
 }
 
@@ -209,7 +219,8 @@ impl Route {
             host,
             allow,
             spares: Mutex::default(),
-            shared_h2: Mutex::default(),
+            shared_h2: ArcSwapOption::empty(),
+            h2_generations: AtomicU64::new(0),
         })
     }
 
@@ -291,11 +302,11 @@ impl Route {
                 _ => (Box::pin(self.connect()).await?, false),
             };
             let mut returned = match conn {
-                Conn::H1(mut conn) => {
+                Conn::H1(mut held) => {
                     self.for_h1(&mut req);
-                    match conn.try_send_request(req).await {
+                    match held.1.try_send_request(req).await {
                         Ok(res) => {
-                            affinity.put(self, conn);
+                            affinity.put(held);
                             return Ok(res);
                         }
                         Err(e) => e,
@@ -335,14 +346,14 @@ impl Route {
         if let Some((generation, h2)) = self.h2() {
             return Some(Conn::H2(generation, h2));
         }
-        if let Some((route, mut conn)) = affinity.take() {
+        if let Some(mut held) = affinity.conn.take() {
             // A connection of a route replaced by a reload is let go: it closes.
-            if Arc::ptr_eq(&route, self) && !conn.is_closed() {
-                if multiplexed && !conn.is_ready() {
+            if Arc::ptr_eq(&held.0, self) && !held.1.is_closed() {
+                if multiplexed && !held.1.is_ready() {
                     // Still carrying another stream's response: do not queue behind it.
-                    affinity.put(self, conn);
-                } else if conn.ready().await.is_ok() {
-                    return Some(Conn::H1(conn));
+                    affinity.put(held);
+                } else if held.1.ready().await.is_ok() {
+                    return Some(Conn::H1(held));
                 }
             }
         }
@@ -350,7 +361,7 @@ impl Route {
         let mut spares = self.spares.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some((at, conn)) = spares.pop() {
             if now.saturating_duration_since(at) < SPARE_IDLE && conn.is_ready() {
-                return Some(Conn::H1(conn));
+                return Some(Conn::H1(Box::new((self.clone(), conn))));
             }
         }
         None
@@ -370,30 +381,21 @@ impl Route {
     }
 
     fn h2(&self) -> Option<(u64, H2)> {
-        let mut shared = self
-            .shared_h2
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let (generation, h2) = &mut *shared;
-        match h2 {
-            Some(conn) if !conn.is_closed() => Some((*generation, conn.clone())),
-            Some(_) => {
-                *h2 = None;
-                None
-            }
-            None => None,
+        let shared = self.shared_h2.load();
+        let shared = shared.as_ref()?;
+        if shared.conn.is_closed() {
+            self.forget_h2(shared.generation);
+            return None;
         }
+        Some((shared.generation, shared.conn.clone()))
     }
 
     /// Forgets the shared h2 connection numbered `generation`, if it is still the shared one.
     fn forget_h2(&self, generation: u64) {
-        let mut shared = self
-            .shared_h2
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if shared.0 == generation {
-            shared.1 = None;
-        }
+        self.shared_h2.rcu(|shared| match shared {
+            Some(s) if s.generation == generation => None,
+            _ => shared.clone(),
+        });
     }
 
     /// Opens a connection (direct or tunnelled, TLS when the upstream is https; all bounded
@@ -418,16 +420,26 @@ impl Route {
                     debug!(error = %e, "upstream h2 connection ended with an error");
                 }
             });
-            let mut shared = self
-                .shared_h2
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
             // Two first requests may both have connected; the first to get here is shared,
             // the other carries its own request and closes.
-            if shared.1.as_ref().is_none_or(H2::is_closed) {
-                shared.0 += 1;
-                shared.1 = Some(conn.clone());
-                return Ok(Conn::H2(shared.0, conn));
+            let generation = self.h2_generations.fetch_add(1, Ordering::Relaxed) + 1;
+            let fresh = Some(Arc::new(SharedH2 {
+                generation,
+                conn: conn.clone(),
+            }));
+            let mut shared_now = false;
+            self.shared_h2.rcu(|shared| match shared {
+                Some(s) if !s.conn.is_closed() => {
+                    shared_now = false;
+                    shared.clone()
+                }
+                _ => {
+                    shared_now = true;
+                    fresh.clone()
+                }
+            });
+            if shared_now {
+                return Ok(Conn::H2(generation, conn));
             }
             return Ok(Conn::H2(u64::MAX, conn));
         }
@@ -441,7 +453,7 @@ impl Route {
                 debug!(error = %e, "upstream connection ended with an error");
             }
         });
-        Ok(Conn::H1(conn))
+        Ok(Conn::H1(Box::new((self.clone(), conn))))
     }
 
     /// HTTP/1: origin-form target and the prebuilt `Host` (RFC 9112 §3.2.1, §7.2). Requests
