@@ -23,8 +23,10 @@ use crate::error::chain;
 use crate::telemetry::IntegrationMetrics;
 
 /// The body of a request sent upstream: the client's body streaming through (with an optional
-/// copy kept for a replay), or a kept copy being replayed.
-pub(crate) type ReqBody = ProxyBody<Tee>;
+/// copy kept for a replay), or a kept copy being replayed. The stream is boxed: the request is
+/// moved through every layer of the send and sits in hyper's dispatch queue, and most requests
+/// (a GET) have no body at all, so they should not carry the tee's size.
+pub(crate) type ReqBody = ProxyBody<Pin<Box<Tee>>>;
 
 /// The body of a response to the client: the upstream's, streaming, or one tokengate wrote.
 pub(crate) type ResBody = ProxyBody<UpstreamBody>;
@@ -105,7 +107,12 @@ pub(crate) fn tee(
             done: None,
             failed: failed.get_or_insert_default().clone(),
         };
-        return (ProxyBody::Stream { inner }, KeptBody::TooLarge);
+        return (
+            ProxyBody::Stream {
+                inner: Box::pin(inner),
+            },
+            KeptBody::TooLarge,
+        );
     }
     let (tx, rx) = oneshot::channel();
     let capacity = body.size_hint().exact().unwrap_or(0).min(limit) as usize;
@@ -116,7 +123,12 @@ pub(crate) fn tee(
         done: Some(tx),
         failed: failed.get_or_insert_default().clone(),
     };
-    (ProxyBody::Stream { inner }, KeptBody::Pending(rx))
+    (
+        ProxyBody::Stream {
+            inner: Box::pin(inner),
+        },
+        KeptBody::Pending(rx),
+    )
 }
 
 pin_project_lite::pin_project! {
