@@ -140,6 +140,18 @@ async fn request_headers_are_cleaned_and_the_token_replaces_authorization() {
         hub.api_requests()[1].headers["x-request-id"],
         "client-rid-42"
     );
+
+    // Even when the client's Connection header names it: the id is tokengate's to forward.
+    let request = "GET /status/200 HTTP/1.1\r\nHost: x\r\n\
+        X-Request-Id: client-rid-43\r\nConnection: close, X-Request-Id\r\n\r\n";
+    let res = raw_response(tg.proxy, request.as_bytes()).await;
+    assert_eq!(res.status, 200);
+    assert_eq!(res.header("x-request-id"), Some("client-rid-43"));
+    hub.wait_api_requests(3).await;
+    assert_eq!(
+        hub.api_requests()[2].headers["x-request-id"],
+        "client-rid-43"
+    );
     tg.stop().await;
 }
 

@@ -4,7 +4,7 @@
 //! request id. It decides nothing about tokens and sends nothing.
 
 use bytes::Bytes;
-use http::header::{self, HeaderName};
+use http::header::{self, Entry, HeaderName};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Uri};
 
@@ -88,21 +88,40 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     HOP_BY_HOP.iter().position(|h| h == name)
 }
 
-/// Removes hop-by-hop headers, including every header the `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One look at each name the message has (twice per request: request and response), rather
-    // than a lookup of each name it might have. Nearly every message has none of them, or
-    // only `Connection: keep-alive` (an HTTP/1.1 upstream sends it on every response).
+/// Removes hop-by-hop headers, including every header the `Connection` header names. Returns
+/// whether `Connection` named any header besides the hop-by-hop ones (then an end-to-end
+/// header the caller set may be gone too).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
+    strip(headers, None).0
+}
+
+/// [`strip_hop_by_hop`], also returning the first value of `find`, an end-to-end header the
+/// caller reads, found in the same pass.
+pub fn strip_hop_by_hop_finding(headers: &mut HeaderMap, find: &HeaderName) -> Option<HeaderValue> {
+    strip(headers, Some(find)).1
+}
+
+fn strip(headers: &mut HeaderMap, find: Option<&HeaderName>) -> (bool, Option<HeaderValue>) {
+    // One look at each header the message has (twice per request: request and response),
+    // rather than a lookup of each name it might have. Nearly every message has none of them,
+    // or only `Connection: keep-alive` (an HTTP/1.1 upstream sends it on every response),
+    // which names only a hop-by-hop header, so its value needs no parsing.
     let mut present = 0u8;
-    for name in headers.keys() {
+    let mut names_others = false;
+    let mut found = None;
+    for (name, value) in headers.iter() {
         if let Some(i) = hop_by_hop_index(name) {
             present |= 1 << i;
+            names_others |= i == 0
+                && !value
+                    .as_bytes()
+                    .trim_ascii()
+                    .eq_ignore_ascii_case(b"keep-alive");
+        } else if found.is_none() && find == Some(name) {
+            found = Some(value.clone());
         }
     }
-    if present == 0 {
-        return;
-    }
-    if present & 1 != 0 {
+    if names_others {
         // The values are reference-counted, so copying them out is cheap and frees `headers`
         // for removal; removing by `&str` lowercases on the stack instead of allocating a
         // `HeaderName` per listed option. Split the bytes, not a `to_str`: one obs-text byte
@@ -133,6 +152,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
+    if names_others {
+        // `find` may have been one of the headers `Connection` named.
+        found = found.filter(|_| find.is_some_and(|f| headers.contains_key(f)));
+    }
+    (names_others, found)
 }
 
 /// Checks an absolute-form target (a client using `HTTP_PROXY`) against the upstream: same
@@ -179,24 +203,40 @@ pub fn check_absolute_form(uri: &Uri, upstream: &Endpoint) -> Result<(), ProxyEr
     }
 }
 
-pub fn request_id(headers: &HeaderMap) -> HeaderValue {
-    match headers.get(X_REQUEST_ID) {
-        Some(v) if !v.is_empty() && v.len() <= 200 => v.clone(),
-        _ => {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            let mut n = fastrand::u128(..);
-            let mut buf = [0u8; 32];
-            for b in buf.iter_mut() {
-                *b = HEX[(n & 0xf) as usize];
-                n >>= 4;
+/// The request's id: the client's `X-Request-Id` when it sent one usable id, else a new one;
+/// set in `headers` as the one `X-Request-Id` either way, in one lookup.
+pub fn request_id(headers: &mut HeaderMap) -> HeaderValue {
+    let usable = |v: &HeaderValue| !v.is_empty() && v.len() <= 200;
+    match headers.entry(X_REQUEST_ID) {
+        Entry::Occupied(mut sent) => {
+            let first = sent.get();
+            if usable(first) && sent.iter().nth(1).is_none() {
+                return first.clone();
             }
-            // Owned, the bytes are shared from the start: the id's three copies (upstream
-            // request, response, access line) cost no allocation of their own. Hex digits are
-            // always a valid header value.
-            HeaderValue::from_maybe_shared(Bytes::from_owner(buf))
-                .unwrap_or(HeaderValue::from_static("-"))
+            let id = if usable(first) {
+                first.clone()
+            } else {
+                new_request_id()
+            };
+            sent.insert(id.clone());
+            id
         }
+        Entry::Vacant(absent) => absent.insert(new_request_id()).clone(),
     }
+}
+
+fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = fastrand::u128(..);
+    let mut buf = [0u8; 32];
+    for b in buf.iter_mut() {
+        *b = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    // Owned, the bytes are shared from the start: the id's three copies (upstream request,
+    // response, access line) cost no allocation of their own. Hex digits are always a valid
+    // header value.
+    HeaderValue::from_maybe_shared(Bytes::from_owner(buf)).unwrap_or(HeaderValue::from_static("-"))
 }
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -308,6 +348,37 @@ mod tests {
     }
 
     #[test]
+    fn the_header_looked_for_is_found_in_the_same_pass_unless_connection_named_it() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("Keep-Alive"));
+        h.append("ratelimit-remaining", HeaderValue::from_static("7"));
+        h.append("ratelimit-remaining", HeaderValue::from_static("8"));
+        let find = HeaderName::from_static("ratelimit-remaining");
+        assert_eq!(strip_hop_by_hop_finding(&mut h, &find).unwrap(), "7");
+        assert!(!h.contains_key("connection"));
+        assert_eq!(h.get_all(&find).iter().count(), 2);
+
+        h.insert(
+            "connection",
+            HeaderValue::from_static("ratelimit-remaining"),
+        );
+        assert_eq!(strip_hop_by_hop_finding(&mut h, &find), None);
+        assert!(h.is_empty());
+
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("keep-alive"));
+        assert!(
+            !strip_hop_by_hop(&mut h),
+            "keep-alive names no other header"
+        );
+        h.insert("connection", HeaderValue::from_static("close"));
+        assert!(
+            strip_hop_by_hop(&mut h),
+            "close also names a header called close"
+        );
+    }
+
+    #[test]
     fn end_to_end_headers_stay() {
         let mut h = HeaderMap::new();
         h.insert("content-type", HeaderValue::from_static("application/json"));
@@ -342,11 +413,27 @@ mod tests {
 
     #[test]
     fn request_ids_are_kept_or_made() {
-        let mut h = HeaderMap::new();
-        let made = request_id(&h);
+        let id = |pairs: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in pairs {
+                h.append("x-request-id", HeaderValue::from_static(v));
+            }
+            let id = request_id(&mut h);
+            let set: Vec<_> = h.get_all("x-request-id").iter().cloned().collect();
+            assert_eq!(
+                set,
+                std::slice::from_ref(&id),
+                "the id is the request's one X-Request-Id"
+            );
+            id
+        };
+        let made = id(&[]);
         assert_eq!(made.len(), 32);
-        assert_ne!(made, request_id(&h));
-        h.insert("x-request-id", HeaderValue::from_static("abc-1"));
-        assert_eq!(request_id(&h), "abc-1");
+        assert_ne!(made, id(&[]));
+        assert_eq!(id(&["abc-1"]), "abc-1");
+        assert_eq!(id(&["abc-1", "abc-2"]), "abc-1");
+        assert_eq!(id(&[""]).len(), 32);
+        let long: &'static str = "x".repeat(201).leak();
+        assert_eq!(id(&[long]).len(), 32);
     }
 }

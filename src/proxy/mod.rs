@@ -49,7 +49,9 @@ pub(crate) mod tunnel;
 mod upstream;
 
 use body::{tee, ClientBodyFailure, InFlight, InFlightGuard, KeptBody, ReqBody, ResBody};
-use hygiene::{check_absolute_form, request_id, strip_hop_by_hop, X_REQUEST_ID};
+use hygiene::{
+    check_absolute_form, request_id, strip_hop_by_hop, strip_hop_by_hop_finding, X_REQUEST_ID,
+};
 use listener::Active;
 pub(crate) use listener::{serve, Connections};
 use upstream::Affinity;
@@ -126,6 +128,8 @@ struct Notes {
     early_revocations: u64,
     /// Made only for a request with a body: most have none.
     client_body_failed: Option<ClientBodyFailure>,
+    /// The upstream's `RateLimit-Remaining`, read as its response's headers were cleaned.
+    ratelimit_remaining: Option<i64>,
 }
 
 /// What the access line needs from the request as it arrived.
@@ -143,11 +147,12 @@ struct Arrival {
     in_flight: InFlight,
 }
 
-/// What is kept of a request to replay it after a 401.
+/// What is kept of a request to replay it after a 401. The headers as a list: a copy for
+/// every request, rarely used, so one allocation rather than a whole map's two and its index.
 struct ReplayCopy {
     method: Method,
     uri: Uri,
-    headers: HeaderMap,
+    headers: Vec<(HeaderName, HeaderValue)>,
     body: KeptBody,
 }
 
@@ -155,10 +160,11 @@ impl Gate {
     /// Serves one request. Never fails: every error becomes the contract's JSON response.
     pub(crate) async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         client: SocketAddr,
         active: Active,
     ) -> Response<ResBody> {
+        let request_id = request_id(req.headers_mut());
         let arrival = Arrival {
             started: Instant::now(),
             client,
@@ -168,7 +174,7 @@ impl Gate {
             method: req.method().clone(),
             path: tracing::enabled!(target: "tokengate::access", tracing::Level::INFO)
                 .then(|| req.uri().path().to_owned()),
-            request_id: request_id(req.headers()),
+            request_id,
         };
         let mut notes = Notes::default();
         let result = self.proxy(req, &arrival, &mut notes).await;
@@ -187,14 +193,18 @@ impl Gate {
         let (req, kept) = prepare(
             &route,
             req,
-            arrival.request_id.clone(),
+            &arrival.request_id,
             &mut notes.client_body_failed,
         )?;
         let token = self.token(&route, arrival.started).await?;
         let copy = ReplayCopy {
             method: req.method().clone(),
             uri: req.uri().clone(),
-            headers: req.headers().clone(),
+            headers: req
+                .headers()
+                .iter()
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect(),
             body: kept,
         };
         let res = match send(&route, req, &token, arrival).await {
@@ -210,7 +220,7 @@ impl Gate {
             }
         };
         if res.status() != StatusCode::UNAUTHORIZED {
-            return Ok(respond(res));
+            return Ok(respond(res, notes));
         }
         // Boxed: the replay's state would otherwise be part of every request's future, which
         // hyper moves into place per request.
@@ -252,14 +262,20 @@ impl Gate {
         notes: &mut Notes,
     ) -> Result<Response<ResBody>, ProxyError> {
         let early = |t: &Token| t.obtained_at.elapsed() < t.lifetime / 2;
-        let Some(body) = copy.body.take() else {
+        let ReplayCopy {
+            method,
+            uri,
+            headers,
+            body,
+        } = copy;
+        let Some(body) = body.take() else {
             if early(&token) {
                 notes.early_revocations += 1;
             }
             notes.replay = Some(Replay::NotReplayable);
             info!(integration = %self.name, "upstream answered 401 and the request body was not kept (larger than max_replay_body or not fully sent); passing the 401 on, the next request gets a new token");
             self.token.refused(token.generation, early(&token));
-            return Ok(respond(res));
+            return Ok(respond(res, notes));
         };
         let body = (!body.is_empty()).then_some(body);
         for replay in 1..=MAX_REPLAYS {
@@ -277,14 +293,14 @@ impl Gate {
                 ForceOutcome::NotRefreshed(reason) => {
                     notes.replay = Some(Replay::Failure);
                     warn!(integration = %self.name, reason = %reason, "upstream answered 401 and no new token could be obtained; passing the 401 on");
-                    return Ok(respond(res));
+                    return Ok(respond(res, notes));
                 }
             };
             drop(res);
             let req = outgoing(
-                copy.method.clone(),
-                copy.uri.clone(),
-                copy.headers.clone(),
+                &method,
+                &uri,
+                &headers,
                 ReqBody::Full { data: body.clone() },
             );
             match send(route, req, &new, arrival).await {
@@ -292,7 +308,7 @@ impl Gate {
                     if replay == MAX_REPLAYS {
                         notes.replay = Some(Replay::Failure);
                         warn!(integration = %self.name, "upstream refused the new tokens too (401); check the integration's permissions in Delivery Hub");
-                        return Ok(respond(r));
+                        return Ok(respond(r, notes));
                     }
                     debug!(integration = %self.name, "the replayed request was refused too (401); its token was revoked in the meantime");
                     res = r;
@@ -301,7 +317,7 @@ impl Gate {
                 Ok(r) => {
                     notes.replay = Some(Replay::Success);
                     debug!(integration = %self.name, replays = replay, "request replayed with a new token after 401");
-                    return Ok(respond(r));
+                    return Ok(respond(r, notes));
                 }
                 Err(e) => {
                     notes.replay = Some(Replay::Failure);
@@ -310,7 +326,7 @@ impl Gate {
             }
         }
         // The loop returns on its last round.
-        Ok(respond(res))
+        Ok(respond(res, notes))
     }
 
     /// Record: every metric of the request and its access line. An error becomes the
@@ -333,12 +349,7 @@ impl Gate {
         } = arrival;
         let (mut response, error) = match result {
             Ok(res) => {
-                if let Some(remaining) = res
-                    .headers()
-                    .get(RATELIMIT_REMAINING)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<i64>().ok())
-                {
+                if let Some(remaining) = notes.ratelimit_remaining {
                     self.metrics.ratelimit_remaining(remaining);
                 }
                 (res, None)
@@ -458,7 +469,7 @@ fn filter(route: &Route, req: &Request<Incoming>) -> Result<(), ProxyError> {
 fn prepare(
     route: &Route,
     req: Request<Incoming>,
-    rid: HeaderValue,
+    rid: &HeaderValue,
     client_body_failed: &mut Option<ClientBodyFailure>,
 ) -> Result<(Request<ReqBody>, KeptBody), ProxyError> {
     let uri = route.upstream_target(req.uri())?;
@@ -468,10 +479,12 @@ fn prepare(
     parts.version = Version::HTTP_11;
     parts.extensions.clear();
     let headers = &mut parts.headers;
-    strip_hop_by_hop(headers);
+    // The request id is already the request's own (`handle`), unless `Connection` named it.
+    if strip_hop_by_hop(headers) {
+        headers.insert(X_REQUEST_ID, rid.clone());
+    }
     // The client's Host stays until the upstream connection is known: the route's prebuilt
     // Host replaces it on HTTP/1.1, :authority (with no Host) on HTTP/2 (`upstream`).
-    headers.insert(X_REQUEST_ID, rid);
     // A body of unknown length (chunked from the client): hyper's client sends a GET or HEAD
     // with such a body as bodiless, silently dropping the body. Saying chunked explicitly
     // forwards it as received (RFC 9112 §6.1); the client's own Transfer-Encoding went with
@@ -487,10 +500,19 @@ fn prepare(
 }
 
 /// A replay's request, built from the kept copy like [`prepare`] built the first.
-fn outgoing(method: Method, uri: Uri, headers: HeaderMap, body: ReqBody) -> Request<ReqBody> {
+fn outgoing(
+    method: &Method,
+    uri: &Uri,
+    kept: &[(HeaderName, HeaderValue)],
+    body: ReqBody,
+) -> Request<ReqBody> {
+    let mut headers = HeaderMap::with_capacity(kept.len());
+    for (name, value) in kept {
+        headers.append(name.clone(), value.clone());
+    }
     let mut req = Request::new(body);
-    *req.method_mut() = method;
-    *req.uri_mut() = uri;
+    *req.method_mut() = method.clone();
+    *req.uri_mut() = uri.clone();
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;
     req
@@ -516,10 +538,12 @@ async fn send(
         .await
 }
 
-/// Respond: the upstream's response, its hop-by-hop headers out, its body streaming back.
-fn respond(res: Response<Incoming>) -> Response<ResBody> {
+/// Respond: the upstream's response, its hop-by-hop headers out (`RateLimit-Remaining` noted
+/// on the way), its body streaming back.
+fn respond(res: Response<Incoming>, notes: &mut Notes) -> Response<ResBody> {
     let (mut parts, body) = res.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+    notes.ratelimit_remaining = strip_hop_by_hop_finding(&mut parts.headers, &RATELIMIT_REMAINING)
+        .and_then(|v| v.to_str().ok()?.trim().parse::<i64>().ok());
     Response::from_parts(parts, ResBody::upstream(body))
 }
 
