@@ -12,7 +12,6 @@
 //! `header_read_timeout` armed and dropped a boxed timer for every request head, and a watch
 //! per connection for the drain took a waiter-list lock on every wake-up.
 
-use std::convert::Infallible;
 use std::future::{poll_fn, Future as _};
 use std::net::SocketAddr;
 use std::pin::pin;
@@ -236,8 +235,7 @@ pub(crate) async fn serve(
             let (gate, client) = (gate.clone(), client.clone());
             hyper::service::service_fn(move |req: hyper::Request<_>| {
                 let active = Active::start(&client, req.version());
-                let gate = gate.clone();
-                async move { Ok::<_, Infallible>(gate.handle(req, peer, active).await) }
+                gate.clone().handle(req, peer, active)
             })
         };
         // Every connection must bring a head within header_read_timeout, whatever its

@@ -26,6 +26,7 @@
 //! forced refresh.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -147,6 +148,13 @@ struct Arrival {
     in_flight: InFlight,
 }
 
+impl Arrival {
+    /// Its client connection's hold on an upstream connection, which send uses.
+    fn affinity(&self) -> &Affinity {
+        &self.active.conn().affinity
+    }
+}
+
 /// What is kept of a request to replay it after a 401. The headers as a list: a copy for
 /// every request, rarely used, so one allocation rather than a whole map's two and its index.
 struct ReplayCopy {
@@ -157,13 +165,15 @@ struct ReplayCopy {
 }
 
 impl Gate {
-    /// Serves one request. Never fails: every error becomes the contract's JSON response.
+    /// Serves one request. Never fails: every error becomes the contract's JSON response. The
+    /// hyper service's future itself (no wrapper around it), so the future hyper keeps per
+    /// connection is no larger than it must be.
     pub(crate) async fn handle(
         self: Arc<Self>,
         mut req: Request<Incoming>,
         client: SocketAddr,
         active: Active,
-    ) -> Response<ResBody> {
+    ) -> Result<Response<ResBody>, Infallible> {
         let request_id = request_id(req.headers_mut());
         let arrival = Arrival {
             started: Instant::now(),
@@ -178,7 +188,7 @@ impl Gate {
         };
         let mut notes = Notes::default();
         let result = self.proxy(req, &arrival, &mut notes).await;
-        self.record(result, arrival, notes)
+        Ok(self.record(result, arrival, notes))
     }
 
     /// filter → prepare → inject → send → replay on 401 | respond.
@@ -190,7 +200,7 @@ impl Gate {
     ) -> Result<Response<ResBody>, ProxyError> {
         let route = self.route.load_full();
         filter(&route, &req)?;
-        let (req, kept) = prepare(
+        let (mut req, kept) = prepare(
             &route,
             req,
             &arrival.request_id,
@@ -207,7 +217,8 @@ impl Gate {
                 .collect(),
             body: kept,
         };
-        let res = match send(&route, req, &token, arrival).await {
+        inject(&mut req, &token);
+        let res = match route.send(req, arrival.affinity(), arrival.multiplexed).await {
             Ok(res) => res,
             Err(e) => {
                 return Err(match notes.client_body_failed.as_ref().and_then(|f| f.get()) {
@@ -297,13 +308,17 @@ impl Gate {
                 }
             };
             drop(res);
-            let req = outgoing(
+            let mut req = outgoing(
                 &method,
                 &uri,
                 &headers,
                 ReqBody::Full { data: body.clone() },
             );
-            match send(route, req, &new, arrival).await {
+            inject(&mut req, &new);
+            match route
+                .send(req, arrival.affinity(), arrival.multiplexed)
+                .await
+            {
                 Ok(r) if r.status() == StatusCode::UNAUTHORIZED => {
                     if replay == MAX_REPLAYS {
                         notes.replay = Some(Replay::Failure);
@@ -523,19 +538,6 @@ fn outgoing(
 fn inject(req: &mut Request<ReqBody>, token: &Token) {
     req.headers_mut()
         .insert(header::AUTHORIZATION, token.header().clone());
-}
-
-/// Send: inject, then the upstream connection.
-async fn send(
-    route: &Arc<Route>,
-    mut req: Request<ReqBody>,
-    token: &Token,
-    arrival: &Arrival,
-) -> Result<Response<Incoming>, ProxyError> {
-    inject(&mut req, token);
-    route
-        .send(req, &arrival.active.conn().affinity, arrival.multiplexed)
-        .await
 }
 
 /// Respond: the upstream's response, its hop-by-hop headers out (`RateLimit-Remaining` noted
