@@ -431,6 +431,44 @@ async fn a_401_forces_one_shared_refresh_and_replays() {
     assert_eq!(m("tokengate_early_revocations_total", &[]), refused as f64);
 }
 
+/// A chunked body as clients stream it — many tiny chunks and a few large ones — is replayed
+/// after a 401 byte for byte.
+#[tokio::test]
+async fn a_chunked_body_of_tiny_and_large_chunks_is_replayed_byte_for_byte() {
+    let hub = support::hub().await;
+    let tg = support::start(&hub, "").await;
+    let mut body = Vec::new();
+    let mut wire = Vec::new();
+    for i in 0..300u32 {
+        let chunk: Vec<u8> = if i % 100 == 50 {
+            (0..20_000u32).map(|j| b'A' + (j % 26) as u8).collect()
+        } else {
+            format!("{i},").into_bytes()
+        };
+        wire.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        wire.extend_from_slice(&chunk);
+        wire.extend_from_slice(b"\r\n");
+        body.extend_from_slice(&chunk);
+    }
+    wire.extend_from_slice(b"0\r\n\r\n");
+    let mut request = b"POST /v2/orders HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\
+        Connection: close\r\n\r\n"
+        .to_vec();
+    request.extend_from_slice(&wire);
+
+    hub.revoke_all();
+    let res = support::raw_response(tg.proxy, &request).await;
+    assert_eq!(res.status, 200);
+    let all = hub.api_requests();
+    assert_eq!(all.len(), 2, "refused, then replayed");
+    assert_eq!(all[0].token.as_ref(), Some(&hub.issued_tokens()[0]));
+    assert_eq!(all[1].token.as_ref(), Some(&hub.issued_tokens()[1]));
+    for seen in &all {
+        assert_eq!(seen.body.len(), body.len());
+        assert!(seen.body[..] == body[..], "the body arrived changed");
+    }
+}
+
 #[tokio::test]
 async fn a_body_larger_than_max_replay_body_gets_the_401_and_the_next_request_a_new_token() {
     let hub = support::hub().await;
