@@ -872,6 +872,15 @@ async fn a_claimer_stopped_mid_fetch_past_its_claim_costs_one_extra_fetch_and_th
         },
     )
     .await;
+    // Mid-fetch: its token request has reached the endpoint, which holds the answer 1.5 s.
+    // The claim is taken before the request is sent, so seeing the claim is not enough (a run
+    // that stopped the process in between counted one fetch fewer than this scenario's).
+    eventually(
+        "the claimer's token request reaches the endpoint",
+        Duration::from_secs(5),
+        || async { (hub.token_request_count() >= 2).then_some(()) },
+    )
+    .await;
     let stopped = &processes[claimer];
     kill(
         Pid::from_raw(stopped.proc.child.id().unwrap() as i32),
