@@ -1,6 +1,6 @@
 //! The floor under tokengate's per-request cost: hyper alone, with tokengate's connection
 //! strategy and nothing else of tokengate's. The same server (hyper-util's auto builder:
-//! HTTP/1.1 and h2 on one port, 256 KiB buffers), the same one-thread runtime on its own
+//! HTTP/1.1 and h2 on one port, 256 KiB buffers, half-closed clients answered), the same one-thread runtime on its own
 //! thread, `TCP_NODELAY`, and upstream connections held the way tokengate holds them: each
 //! client connection keeps its own HTTP/1 upstream connection (hyper's connection-level
 //! client) between requests, leaves it on a last-in-first-out stack of ≤ 32 spares when it
@@ -208,7 +208,11 @@ impl Drop for Affinity {
 async fn serve(listen: SocketAddr, up: Arc<Upstream>) -> Result<(), Error> {
     let listener = tokengate::listen(listen)?;
     let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    server.http1().keep_alive(true).max_buf_size(MAX_BUF);
+    server
+        .http1()
+        .keep_alive(true)
+        .half_close(true)
+        .max_buf_size(MAX_BUF);
     let server = Arc::new(server);
     loop {
         let (stream, _) = listener.accept().await?;

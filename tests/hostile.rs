@@ -9,8 +9,8 @@
 //! - malformed HTTP from clients over raw TCP: hyper's own 400/431 or a closed connection for
 //!   what cannot be parsed, and what reaches the upstream (the stand-in's recordings) is never
 //!   ambiguous; after each, the process keeps serving;
-//! - clients that go away mid-body or mid-response, and slow or silent clients
-//!   (`header_read_timeout`);
+//! - clients that go away mid-body, mid-response or after a whole request (half-closed or
+//!   gone), and slow or silent clients (`header_read_timeout`);
 //! - faults upstream (reset mid-body, slow drip, a 5xx storm, no answer) with tiny raw-TCP
 //!   "upstreams" for what the stand-in cannot do;
 //! - token endpoint faults through a running tokengate, scripted after a first good token:
@@ -877,6 +877,75 @@ async fn pipelined_requests_are_answered_in_order_and_forwarded_intact() {
         );
     }
     assert_unambiguous(&hub);
+    assert_still_serving(&tg, &hub).await;
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_half_closes_after_its_request_still_gets_the_response() {
+    // `printf '…' | nc -N`, and HTTP/1.0-era clients: the whole request, then FIN on the
+    // write side, then read. The request is complete, so it is answered (and counted), not
+    // taken for a client that left. A slow upstream keeps the response from racing the FIN.
+    let hub = support::hub().await;
+    let tg = start(&hub, "").await;
+    for round in 1..=2 {
+        let mut s = TcpStream::connect(tg.proxy).await.unwrap();
+        s.write_all(b"GET /slow/300 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        s.shutdown().await.unwrap();
+        let (bytes, ending) = read_until_end(&mut s, Duration::from_secs(10)).await;
+        let res = RawResponse::parse(&bytes);
+        assert_eq!(res.status, 200, "round {round}: {res:?}");
+        assert!(res.header("x-request-id").is_some(), "{res:?}");
+        assert_eq!(
+            ending,
+            Ending::Closed,
+            "the connection ends after the answer"
+        );
+        hub.wait_api_requests(round).await;
+    }
+    let text = tg.metrics().await;
+    assert_eq!(
+        sample(
+            &text,
+            "tokengate_requests_total",
+            &[("integration", "oms"), ("method", "GET"), ("code", "200")]
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    assert_still_serving(&tg, &hub).await;
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_gone_before_the_response_head_leaves_its_request_to_complete() {
+    // The request was whole: it is finished upstream, counted and logged with the upstream's
+    // status, rather than cut off (which would cost the upstream connection).
+    let hub = support::hub().await;
+    let tg = start(&hub, "").await;
+    let mut s = TcpStream::connect(tg.proxy).await.unwrap();
+    s.write_all(b"GET /slow/300 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    hub.wait_api_requests(1).await;
+    drop(s);
+    wait_sample(
+        &tg,
+        "tokengate_requests_total",
+        &[("integration", "oms"), ("method", "GET"), ("code", "200")],
+        1.0,
+    )
+    .await;
+    wait_sample(
+        &tg,
+        "tokengate_in_flight_requests",
+        &[("integration", "oms")],
+        0.0,
+    )
+    .await;
+    assert_eq!(upstream_errors(&tg).await, []);
     assert_still_serving(&tg, &hub).await;
     tg.stop().await;
 }
