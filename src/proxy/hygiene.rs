@@ -226,17 +226,31 @@ pub fn request_id(headers: &mut HeaderMap) -> HeaderValue {
 }
 
 fn new_request_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut n = fastrand::u128(..);
+    let n = fastrand::u128(..);
     let mut buf = [0u8; 32];
-    for b in buf.iter_mut() {
-        *b = HEX[(n & 0xf) as usize];
-        n >>= 4;
+    for (out, quarter) in buf.chunks_exact_mut(8).zip(0..4) {
+        out.copy_from_slice(&hex8((n >> (32 * quarter)) as u32).to_le_bytes());
     }
     // Owned, the bytes are shared from the start: the id's three copies (upstream request,
     // response, access line) cost no allocation of their own. Hex digits are always a valid
     // header value.
     HeaderValue::from_maybe_shared(Bytes::from_owner(buf)).unwrap_or(HeaderValue::from_static("-"))
+}
+
+/// The eight nibbles of `x` as eight lowercase hex digits, one per byte, computed on all eight
+/// at once rather than looked up one by one (a quarter of the instructions; the id is made
+/// for nearly every request). The digits come least significant first; for a random id the
+/// order does not matter.
+fn hex8(x: u32) -> u64 {
+    // Spread the nibbles out, one into the low half of each byte.
+    let mut v = u64::from(x);
+    v = (v | v << 16) & 0x0000_ffff_0000_ffff;
+    v = (v | v << 8) & 0x00ff_00ff_00ff_00ff;
+    v = (v | v << 4) & 0x0f0f_0f0f_0f0f_0f0f;
+    // A byte of 10..=15 carries into bit 4 when 6 is added: those become 'a'..='f', 39 past
+    // where '0' + value would put them. No byte ever carries into the next one.
+    let letters = ((v + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+    v + 0x3030_3030_3030_3030 + letters * 39
 }
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -429,11 +443,30 @@ mod tests {
         };
         let made = id(&[]);
         assert_eq!(made.len(), 32);
+        assert!(
+            made.as_bytes()
+                .iter()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)),
+            "{made:?}"
+        );
         assert_ne!(made, id(&[]));
         assert_eq!(id(&["abc-1"]), "abc-1");
         assert_eq!(id(&["abc-1", "abc-2"]), "abc-1");
         assert_eq!(id(&[""]).len(), 32);
         let long: &'static str = "x".repeat(201).leak();
         assert_eq!(id(&[long]).len(), 32);
+    }
+
+    #[test]
+    fn hex8_writes_every_nibble_as_its_digit() {
+        let digits = |x: u32| String::from_utf8(hex8(x).to_le_bytes().to_vec()).unwrap();
+        assert_eq!(digits(0), "00000000");
+        assert_eq!(digits(u32::MAX), "ffffffff");
+        assert_eq!(digits(0x0123_4567), "76543210");
+        assert_eq!(digits(0x89ab_cdef), "fedcba98");
+        for x in [0x9a9a_9a9a_u32, 0xa0f9_1b2c, 0x1000_000f] {
+            let want: String = format!("{x:08x}").chars().rev().collect();
+            assert_eq!(digits(x), want);
+        }
     }
 }
