@@ -1,13 +1,13 @@
 //! The floor under tokengate's per-request cost: hyper alone, with tokengate's connection
 //! strategy and nothing else of tokengate's. The same server (hyper-util's auto builder:
-//! HTTP/1.1 and h2 on one port, 256 KiB buffers, half-closed clients answered), the same one-thread runtime on its own
-//! thread, `TCP_NODELAY`, and upstream connections held the way tokengate holds them: each
-//! client connection keeps its own HTTP/1 upstream connection (hyper's connection-level
-//! client) between requests, leaves it on a last-in-first-out stack of ≤ 32 spares when it
-//! ends, and an upstream that negotiates h2 gets one shared connection. Every request gets a
-//! fixed `Authorization`, the upstream's `Host`, and goes out as it came; the response comes
-//! back as it is. No filter, no hop-by-hop strip, no token cell, no request id, no metrics,
-//! no logging, no timers, no drain, no `HttpInfo`.
+//! HTTP/1.1 and h2 on one port, 256 KiB buffers, half-closed clients answered), the same
+//! one-thread runtime on its own thread, `TCP_NODELAY`, and upstream connections held the way
+//! tokengate holds them: each client connection keeps its own HTTP/1 upstream connection
+//! (hyper's connection-level client) between requests, leaves it on a last-in-first-out
+//! stack of ≤ 32 spares when it ends, and an upstream that negotiates h2 gets one shared
+//! connection. Every request gets a fixed `Authorization`, the upstream's `Host`, and goes
+//! out as it came; the response comes back as it is. No filter, no hop-by-hop strip, no token
+//! cell, no request id, no metrics, no logging, no timers, no drain, no `HttpInfo`.
 //!
 //! `bench/run.sh` measures it as the target `floor` in the same run as tokengate and nginx,
 //! so each gap splits into hyper's (floor vs nginx) and tokengate's own (tokengate vs floor):

@@ -216,7 +216,9 @@ pub(crate) async fn serve(
     // (`nc -N`, HTTP/1.0-era clients) is a request, not a client that left. hyper's default
     // would close such a connection unanswered, and watching for that EOF costs a read and a
     // fresh read buffer per request while the first one's headers are still in use (−3.6 %
-    // instructions, −1.3 MiB peak RSS at 256 connections; bench/NOTES.md). The price: a
+    // instructions per small GET; peak RSS at 256 connections −1.3 MiB for small GETs and
+    // −25 MiB for 64 KiB uploads, whose kept bodies held the old buffer; bench/NOTES.md
+    // session 7). The price: a
     // client gone before the response head no longer cancels the upstream request; it
     // completes (or meets request_timeout), is counted and logged, and its upstream
     // connection stays reusable.
