@@ -218,10 +218,9 @@ pub(crate) async fn serve(
     // fresh read buffer per request while the first one's headers are still in use (−3.6 %
     // instructions per small GET; peak RSS at 256 connections −1.3 MiB for small GETs and
     // −25 MiB for 64 KiB uploads, whose kept bodies held the old buffer; bench/NOTES.md
-    // session 7). The price: a
-    // client gone before the response head no longer cancels the upstream request; it
-    // completes (or meets request_timeout), is counted and logged, and its upstream
-    // connection stays reusable.
+    // session 7). The price: a client gone before the response head no longer cancels the
+    // upstream request; it completes (or meets request_timeout), is counted and logged, and
+    // its upstream connection stays reusable.
     builder
         .http1()
         .keep_alive(true)
