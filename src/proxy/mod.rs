@@ -206,7 +206,7 @@ impl Gate {
             &arrival.request_id,
             &mut notes.client_body_failed,
         )?;
-        let token = self.token(&route, arrival.started).await?;
+        let (token, sent_at) = self.token(&route, arrival.started).await?;
         let copy = ReplayCopy {
             method: req.method().clone(),
             uri: req.uri().clone(),
@@ -218,7 +218,10 @@ impl Gate {
             body: kept,
         };
         inject(&mut req, &token);
-        let res = match route.send(req, arrival.affinity(), arrival.multiplexed).await {
+        let res = match route
+            .send(req, arrival.affinity(), arrival.multiplexed, sent_at)
+            .await
+        {
             Ok(res) => res,
             Err(e) => {
                 return Err(match notes.client_body_failed.as_ref().and_then(|f| f.get()) {
@@ -239,13 +242,19 @@ impl Gate {
     }
 
     /// The current token, or, when there is none, the first one the refresher gets within
-    /// `connect_timeout`.
-    async fn token(&self, route: &Route, started: Instant) -> Result<Arc<Token>, ProxyError> {
+    /// `connect_timeout`; with the time the request leaves for the upstream, the arrival's clock
+    /// reading unless it waited for that token (one reading fewer per request).
+    async fn token(
+        &self,
+        route: &Route,
+        started: Instant,
+    ) -> Result<(Arc<Token>, Instant), ProxyError> {
         if let Some(t) = self.token.current_at(started) {
-            return Ok(t);
+            return Ok((t, started));
         }
         Box::pin(self.token.wait_for_token(route.settings.connect_timeout))
             .await
+            .map(|t| (t, Instant::now()))
             .map_err(|u| {
                 let mut e = ProxyError::new(
                     ErrorCode::TokenUnavailable,
@@ -316,7 +325,7 @@ impl Gate {
             );
             inject(&mut req, &new);
             match route
-                .send(req, arrival.affinity(), arrival.multiplexed)
+                .send(req, arrival.affinity(), arrival.multiplexed, Instant::now())
                 .await
             {
                 Ok(r) if r.status() == StatusCode::UNAUTHORIZED => {
@@ -400,13 +409,6 @@ impl Gate {
         }
         response.headers_mut().insert(X_REQUEST_ID, rid.clone());
         let status = response.status();
-        let client_body_failed = notes.client_body_failed;
-        response.body_mut().guard(|| InFlightGuard {
-            in_flight,
-            _active: active,
-            request_id: rid.clone(),
-            client_body_failed,
-        });
         let elapsed = started.elapsed();
         self.metrics.duration.observe(elapsed.as_secs_f64());
         self.metrics.request(&method, status.as_u16());
@@ -423,6 +425,14 @@ impl Gate {
             error = error.map(ErrorCode::as_str),
             );
         }
+        // Last, so the id moves into the guard rather than being copied for it.
+        let client_body_failed = notes.client_body_failed;
+        response.body_mut().guard(|| InFlightGuard {
+            in_flight,
+            _active: active,
+            request_id: rid,
+            client_body_failed,
+        });
         response
     }
 }

@@ -225,17 +225,18 @@ impl Route {
     }
 
     /// Sends a request, token and all, on this client connection's upstream connection (or a
-    /// spare, the shared h2 one, or a new one); no response head within `request_timeout` is
-    /// an upstream timeout. `multiplexed` is true for a request from an HTTP/2 client, whose
-    /// concurrent requests must not queue behind each other on one HTTP/1 connection.
+    /// spare, the shared h2 one, or a new one); no response head within `request_timeout` of
+    /// `now` is an upstream timeout. `multiplexed` is true for a request from an HTTP/2 client,
+    /// whose concurrent requests must not queue behind each other on one HTTP/1 connection.
     pub(crate) async fn send(
         self: &Arc<Self>,
         req: Request<ReqBody>,
         affinity: &Affinity,
         multiplexed: bool,
+        now: Instant,
     ) -> Result<Response<Incoming>, ProxyError> {
         let timeout = self.settings.request_timeout;
-        let mut timer = affinity.timer(Instant::now() + timeout);
+        let mut timer = affinity.timer(now + timeout);
         let mut exchange = pin!(self.exchange(req, affinity, multiplexed));
         // The exchange first, as tokio's `timeout` does: a response that is ready wins.
         let outcome = poll_fn(|cx| match exchange.as_mut().poll(cx) {
