@@ -609,8 +609,9 @@ start_floor() {
     h2) port=$P_FLOOR_H2 upstream=https://127.0.0.1:$P_UP_H2 ca=(--ca "$W/ca.pem") ;;
     *) die "unknown upstream kind $kind" ;;
     esac
+    # nginx's token: the same length as tokengate's, which the upstream echoes back.
     taskset -c "$PROXY_CPU" "$FLOOR_BIN" --listen "127.0.0.1:$port" --upstream "$upstream" \
-        "${ca[@]}" 2>>"$W/logs/floor-$kind.err" &
+        "${ca[@]}" --token "$NGINX_TOKEN" 2>>"$W/logs/floor-$kind.err" &
     PIDS[floor-$kind]=$!
     wait_port "$port" "the floor ($kind upstream)"
 }

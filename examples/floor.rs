@@ -14,8 +14,14 @@
 //!
 //! ```text
 //! taskset -c 1 target/release/examples/floor --listen 127.0.0.1:18460 \
-//!     --upstream https://127.0.0.1:18401 --ca ca.pem
+//!     --upstream https://127.0.0.1:18401 --ca ca.pem --token "$TOKEN"
 //! ```
+//!
+//! `--token` is the access token it sends (`bench/run.sh` passes the one it fetched for nginx
+//! from the stand-in). Its length counts: the benchmark's upstream echoes `Authorization`, so a
+//! shorter token than tokengate's made both directions' messages shorter for the floor alone
+//! (over TLS, ~390 of ~36,000 instructions per small GET, bench/NOTES.md session 8). Without
+//! it, a placeholder as long as the stand-in's tokens.
 //!
 //! Not a product: an upstream failure is a bare 502, and it runs until killed.
 
@@ -58,7 +64,11 @@ fn main() -> Result<(), Error> {
         .unwrap_or_else(|| "http://127.0.0.1:18400".into())
         .parse()?;
     let ca = arg("--ca");
-    let up = Arc::new(Upstream::new(&upstream, ca.as_deref())?);
+    // 43 characters, as the stand-in's tokens (32 random bytes, base64url).
+    let token =
+        arg("--token").unwrap_or_else(|| "floor-benchmark-token-as-long-as-the-hub-s-".into());
+    let bearer = HeaderValue::try_from(format!("Bearer {token}"))?;
+    let up = Arc::new(Upstream::new(&upstream, ca.as_deref(), bearer)?);
     // As tokengate on one CPU: a current-thread runtime on a thread of its own.
     std::thread::Builder::new()
         .name("floor-rt".into())
@@ -89,7 +99,7 @@ enum Conn {
 }
 
 impl Upstream {
-    fn new(url: &Uri, ca: Option<&str>) -> Result<Upstream, Error> {
+    fn new(url: &Uri, ca: Option<&str>, bearer: HeaderValue) -> Result<Upstream, Error> {
         let authority = url.authority().ok_or("--upstream needs host:port")?.clone();
         let tls = if url.scheme() == Some(&Scheme::HTTPS) {
             let mut config = tokengate::tls::client_config(ca.map(std::path::Path::new))?;
@@ -108,7 +118,7 @@ impl Upstream {
             host: HeaderValue::from_str(authority.as_str())?,
             authority,
             tls,
-            bearer: HeaderValue::from_static("Bearer floor-benchmark-token"),
+            bearer,
             spares: Mutex::default(),
             h2: Mutex::default(),
         })
