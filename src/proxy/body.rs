@@ -150,9 +150,9 @@ const SHARED_CHUNK: usize = 4 * 1024;
 /// bytes hyper read (sent upstream from the same memory), so keeping a body costs no copy of
 /// it and hardly any memory of its own: at 256 connections uploading 64 KiB each, copying it
 /// held 98–106 MiB at peak against 70–80 MiB without the copy (bench/NOTES.md session 6), and
-/// cost a 64 KiB copy per request. Small
-/// chunks are copied together instead: a client sending a body in tiny chunks must not make
-/// the list grow with every byte, nor pin a whole read buffer per byte it keeps.
+/// cost a 64 KiB copy per request. Small chunks are copied together instead: a client sending
+/// a body in tiny chunks must not make the list grow with every byte, nor pin a whole read
+/// buffer per byte it keeps.
 #[derive(Default)]
 pub(crate) struct Kept {
     chunks: Vec<Bytes>,
